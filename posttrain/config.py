@@ -1,0 +1,325 @@
+"""Typed configuration: pydantic models loaded from YAML plus dotted overrides.
+
+Imports only pydantic and yaml so `posttrain --help` and validation stay fast. Every model rejects unknown
+keys; the error names the full dotted key and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased so the user knows which key or file to fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class TinyModel(Strict):
+    """How to build a tiny random model when `model.path` does not exist yet."""
+
+    kind: Literal["text", "vl"] = "text"
+    """`text` builds a Qwen3, `vl` a Qwen3-VL."""
+    size: Literal["tiny", "small"] = "tiny"
+    """`tiny`: ~1M parameters for tests and the demo; `small`: ~10M for benchmarks."""
+    seed: int = 0
+    """Seed for tokenizer corpus order and weight initialisation."""
+
+
+class Lora(Strict):
+    r: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Module name suffixes that receive adapters (language model only unless the vision tower is trained)."""
+    merge_on_export: bool = False
+    """Also write merged full weights to `final/merged/` next to the adapter."""
+
+
+class ModelConfig(Strict):
+    path: str
+    """A local Hugging Face folder or a hub id. The hub is never contacted for local folders."""
+    tiny: TinyModel | None = None
+    """If set and `path` is missing, build a tiny random model there (no downloads)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training precision. float32 on CPU for exact tests; bfloat16 on GPU."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel. flash_attention_2 needs the `gpu` extra."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code. Off unless you trust the source."""
+    freeze_vision_tower: bool = False
+    """Do not train the vision encoder and merger of a VL model."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    lora: Lora | None = None
+    """Train LoRA adapters instead of all weights."""
+
+
+class TinyTask(Strict):
+    """A synthetic verifiable task to write when the dataset path is missing."""
+
+    name: Literal["arithmetic", "shapes"] = "arithmetic"
+    """`arithmetic`: multi-digit addition with digit-by-digit working; `shapes`: count shapes in an image."""
+    train_size: int = Field(2000, ge=1)
+    """Rows in the train split."""
+    test_size: int = Field(200, ge=1)
+    """Rows in each held-out split."""
+    seed: int = 0
+    """Generation seed."""
+
+
+class DatasetSpec(Strict):
+    path: str
+    """Hub name, local .json/.jsonl/.parquet file, or a folder of such files / a saved dataset."""
+    split: str = "train"
+    """Split to read (for files and folders: the file stem, e.g. `train` for train.parquet)."""
+    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+    """`messages`: chat list (content may mix image and text parts). `prompt_completion`: two text columns."""
+    thinking: Literal["auto", "thinking", "non_thinking", "column"] = "auto"
+    """Which chat format to train on: `auto` thinks when a row has reasoning; `column` reads `thinking_column`."""
+    thinking_column: str = "enable_thinking"
+    """Per-row boolean column used when `thinking: column`."""
+    max_rows: int | None = Field(None, ge=1)
+    """Use only the first N rows."""
+    generate: TinyTask | None = None
+    """If set and `path` is missing, write this synthetic task there first."""
+
+
+class DataConfig(Strict):
+    train: list[DatasetSpec]
+    """Training datasets, concatenated."""
+    eval: DatasetSpec | None = None
+    """Held-out split for `eval/accuracy` (exact match of the generated answer with `solution`)."""
+    max_length: int = Field(1024, ge=8)
+    """Maximum tokens per sample (and per packed row)."""
+    overlong: Literal["error", "drop", "truncate"] = "error"
+    """Samples longer than `max_length`: stop with an error, drop and count, or cut the response end.
+    Prompts and image tokens are never cut: a sample whose prompt alone is too long is an error or a drop."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """Rows failing validation: stop naming file/row/column, or skip them and log the count."""
+    packing: bool = True
+    """Pack text samples into rows of `max_length` (no attention across samples)."""
+    num_proc: int = Field(1, ge=1)
+    """Processes for tokenisation."""
+
+
+class TrainConfig(Strict):
+    global_batch_size: int = Field(32, ge=1)
+    """Samples (or packed rows) per optimizer step, across all learners."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Samples (or packed rows) per forward/backward on one learner."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (default: `epochs` over the data)."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data when `max_steps` is not set."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final learning rate as a fraction of `lr`."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm (None: no clipping)."""
+    seed: int = 0
+    """Seed for data order, initialisation of adapters and dropout."""
+
+
+class LearnerConfig(Strict):
+    num_learners: int = Field(1, ge=1)
+    """DeepSpeed data-parallel ranks, one Ray actor each."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters sharded."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on CPU (DeepSpeedCPUAdam; compiled on first use)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when available."""
+    cpus_per_learner: float = Field(1, gt=0)
+    """CPUs reserved per learner actor (also its torch thread count)."""
+    gpus_per_learner: float = Field(1, ge=0)
+    """GPUs per learner when on CUDA."""
+
+
+class EvalConfig(Strict):
+    every_steps: int | None = Field(None, ge=1)
+    """Evaluate every N steps (and always at the end when `data.eval` is set)."""
+    max_samples: int = Field(200, ge=1)
+    """Held-out rows used per evaluation."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Greedy generation length for exact-match accuracy."""
+    batch_size: int = Field(32, ge=1)
+    """Prompts per generate call."""
+    thinking: bool | None = None
+    """Evaluate with the thinking template (None: the dataset's own choice)."""
+
+
+class CheckpointConfig(Strict):
+    every_steps: int | None = Field(None, ge=1)
+    """Save a resumable checkpoint every N steps (and at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints to keep."""
+    resume: Literal["auto", "never"] | str = "auto"
+    """`auto`: continue from the latest checkpoint in `output_dir`; `never`; or a checkpoint folder."""
+
+
+class LoggingConfig(Strict):
+    tensorboard: bool = False
+    """Also write TensorBoard events to `output_dir/tensorboard`."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs the `wandb` extra and its login)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class RayConfig(Strict):
+    address: str | None = None
+    """Existing cluster address; None starts a local one bound to 127.0.0.1 (or joins `ray job submit`'s)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs for a local cluster (default: what the job needs, at least the machine's count)."""
+
+
+class SFTConfig(Strict):
+    output_dir: str
+    """Run folder: config.yaml, metrics.jsonl, checkpoints/, final/."""
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    learners: LearnerConfig = LearnerConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _batch_sizes_divide(self) -> SFTConfig:
+        t, n = self.train, self.learners.num_learners
+        per_round = t.micro_batch_size * n
+        if t.global_batch_size % per_round:
+            raise ValueError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size × learners.num_learners ({t.micro_batch_size} × {n} = {per_round}); "
+                f"e.g. set train.global_batch_size={max(per_round, t.global_batch_size // per_round * per_round)}"
+            )
+        if self.model.lora and self.learners.zero_stage == 3:
+            raise ValueError("model.lora with learners.zero_stage=3 is not supported; use zero_stage 0-2")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t = self.train
+        return t.global_batch_size // (t.micro_batch_size * self.learners.num_learners)
+
+
+STAGES: dict[str, type[Strict]] = {"sft": SFTConfig}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1` → {"a": {"b": 1}}; values are parsed as YAML (`x=[1,2]`, `y=null`, `z=true`)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return tree
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names at `loc` inside `model` (walking nested models and lists of models)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return []
+        current = _inner_model(field.annotation)
+        if current is None:
+            return []
+    return list(current.model_fields) if isinstance(current, type) else []
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            lines.append(f"  {key}: unknown key{hint} (valid here: {', '.join(valid)})")
+        else:
+            lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate(stage: str, raw: dict[str, Any], source: str = "<dict>") -> Any:
+    model = STAGES[stage]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, model, source)) from None
+
+
+def load_config(stage: str, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Read YAML `path`, apply dotted `overrides`, validate as the `stage` config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return validate(stage, raw, str(path))
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
