@@ -1,0 +1,242 @@
+"""The DeepSpeed learner: one Ray actor per data-parallel rank (see workers.WorkerGroup).
+
+It owns the model (full or LoRA through peft), the optimizer and LR schedule under a DeepSpeed engine
+(ZeRO 0-3, fp32/bf16, gradient accumulation, clipping, optional optimizer offload), and exposes the few
+operations the stage drivers need: a train step over given micro-batches, greedy generation for
+evaluation, resumable save/load, and export of an HF folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import SFTConfig
+
+DS_TAG = "deepspeed"
+
+
+def deepspeed_config(cfg: SFTConfig) -> dict[str, Any]:
+    t, learners = cfg.train, cfg.learners
+    zero: dict[str, Any] = {"stage": learners.zero_stage}
+    if learners.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": t.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31,
+    }
+
+
+def load_model(cfg: SFTConfig, model_path: str, is_vl: bool) -> Any:
+    """The HF model, with LoRA adapters or a frozen vision tower as configured."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    m = cfg.model
+    cls = AutoModelForImageTextToText if is_vl else AutoModelForCausalLM
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+    model = cls.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
+    )
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if m.freeze_vision_tower and is_vl:
+        vision_tower(model).requires_grad_(False)
+    if m.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=m.lora.r,
+            lora_alpha=m.lora.alpha,
+            lora_dropout=m.lora.dropout,
+            target_modules=m.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def vision_tower(model: Any) -> Any:
+    inner = getattr(model, "model", model)
+    return getattr(inner, "visual", None) or getattr(model, "visual")
+
+
+class Learner:
+    """A Ray actor. RANK / WORLD_SIZE / MASTER_* come from the WorkerGroup's environment."""
+
+    def __init__(self, cfg_dict: dict[str, Any], model_path: str, is_vl: bool, total_steps: int) -> None:
+        import deepspeed
+        import torch
+
+        self.cfg = cfg = SFTConfig.model_validate(cfg_dict)
+        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.device = _pick_device(cfg.learners.device)
+        torch.set_num_threads(max(1, int(cfg.learners.cpus_per_learner)))
+        torch.manual_seed(cfg.train.seed)  # identical adapter init on every rank
+        deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo")
+        model = load_model(cfg, model_path, is_vl)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _make_optimizer(cfg, params)
+        schedule = _make_schedule(cfg, optimizer, total_steps)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
+        )
+        from posttrain.ds_checkpoint import SafeCheckpointEngine
+
+        self.engine.checkpoint_engine = SafeCheckpointEngine()
+        self.is_vl = is_vl
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def train_step(self, micro_batches: list[dict[str, Any]], global_loss_tokens: int) -> dict[str, float]:
+        """Forward/backward every micro-batch, then one optimizer step.
+
+        The loss is the token-summed NLL divided by the loss tokens of the whole global batch; DeepSpeed
+        divides gradients by the accumulation steps and averages them over ranks, so we scale those back:
+        any split of the global batch over learners and micro-batches gives the same gradient."""
+        from posttrain.losses import token_nll_sum
+
+        assert len(micro_batches) == self.engine.gradient_accumulation_steps()
+        scale = self.world_size * len(micro_batches) / max(1, global_loss_tokens)
+        lr = float(self.engine.get_lr()[0])
+        loss_sum, tokens, grad_norm = 0.0, 0, None
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = self.engine(**batch, use_cache=False).logits
+            nll, _ = token_nll_sum(logits, labels)
+            self.engine.backward(nll * scale)
+            if self.engine.is_gradient_accumulation_boundary() and self.cfg.learners.zero_stage == 0:
+                grad_norm = _grad_norm(self.engine.module)  # ZeRO optimizers report their own
+            self.engine.step()
+            loss_sum += float(nll.detach())
+            tokens += int(batch["input_ids"].numel())
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        return {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": float(grad_norm), "lr": lr}
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def generate(self, batches: list[dict[str, Any]], max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
+        """Greedy completions for left-padded prompt batches. Under ZeRO-3 every rank must run the same
+        number of batches (the caller pads shards) and `synced_gpus` keeps parameter gathers in step."""
+        import torch
+
+        module = self.engine.module
+        module.eval()
+        outputs: list[list[int]] = []
+        with torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                width = batch["input_ids"].shape[1]
+                generated = module.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=eos_token_id,
+                    synced_gpus=self.cfg.learners.zero_stage == 3 and self.world_size > 1,
+                )
+                outputs.extend(_strip_after_eos(row[width:].tolist(), eos_token_id) for row in generated)
+        module.train()
+        return outputs
+
+    # --------------------------------------------------------------------------------------- checkpoints
+
+    def save(self, directory: str, client_state: dict[str, Any]) -> None:
+        from posttrain.checkpoint import capture_rng, save_state
+
+        self.engine.save_checkpoint(
+            directory,
+            tag=DS_TAG,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=self.cfg.model.lora is not None,
+        )
+        save_state(Path(directory), f"rng-rank{self.rank}", capture_rng())
+
+    def load(self, directory: str) -> dict[str, Any]:
+        from posttrain.checkpoint import load_state, restore_rng
+
+        path, client_state = self.engine.load_checkpoint(
+            directory, tag=DS_TAG, load_module_strict=self.cfg.model.lora is None
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {directory}/{DS_TAG}")
+        restore_rng(load_state(Path(directory), f"rng-rank{self.rank}"))
+        return client_state
+
+    def export(self, directory: str, merge_lora: bool) -> None:
+        """Rank 0 writes an HF folder (safetensors) or, for LoRA, the PEFT adapter (plus merged weights
+        under `merged/` when asked). All ranks must call: ZeRO-3 gathers the parameters collectively."""
+        import deepspeed
+
+        module = self.engine.module
+        gather = self.cfg.learners.zero_stage == 3
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=gather):
+            if self.rank != 0:
+                return
+            module.save_pretrained(directory, safe_serialization=True)
+            if self.cfg.model.lora and merge_lora:
+                module.merge_and_unload().save_pretrained(Path(directory) / "merged", safe_serialization=True)
+
+    def num_parameters(self) -> dict[str, int]:
+        module = self.engine.module
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
+        return {"total": total, "trainable": trainable}
+
+
+def _pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def _make_optimizer(cfg: SFTConfig, params: list[Any]) -> Any:
+    import torch
+
+    t = cfg.train
+    if cfg.learners.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+
+def _make_schedule(cfg: SFTConfig, optimizer: Any, total_steps: int) -> Any:
+    from functools import partial
+
+    import torch
+
+    from posttrain.losses import lr_multiplier
+
+    t = cfg.train
+    fn = partial(
+        lr_multiplier,
+        total_steps=total_steps,
+        warmup_steps=t.warmup_steps,
+        kind=t.lr_scheduler,
+        min_ratio=t.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def _grad_norm(module: Any) -> float:
+    import torch
+
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _strip_after_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids

@@ -1,0 +1,168 @@
+"""Ray plumbing: a loopback-bound local cluster and one small worker-group abstraction.
+
+A WorkerGroup is a placement group plus N actors of one class, each with the torch.distributed rank
+environment set (so DeepSpeed never probes for MPI), methods called on all ranks and gathered, and a
+teardown that cannot turn a finished run into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+CALL_TIMEOUT_S = 3600.0
+"""Upper bound on any single call to a worker group: a lost actor surfaces as an error, never a hang."""
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` (or the cluster `ray job submit` runs us in), else start a local one on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": _ds_accelerator()}}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        runtime_env=env,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+def _ds_accelerator() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rendezvous_address() -> tuple[str, int]:
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return ip, int(s.getsockname()[1])
+
+
+def _barrier_if_distributed(_actor: Any) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class WorkerGroup:
+    """`num_workers` actors of `actor_cls`, one per placement-group bundle, ranks 0..N-1."""
+
+    def __init__(
+        self,
+        actor_cls: type,
+        num_workers: int,
+        *,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        name: str = "workers",
+        init_args: Sequence[Any] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=name)
+        try:
+            ray.get(self.placement_group.ready(), timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"{name}: Ray could not reserve {num_workers} × {bundle} within 120 s; "
+                f"cluster has {ray.cluster_resources()} (lower the worker count or resources per worker)"
+            ) from None
+        def in_bundle(rank: int) -> PlacementGroupSchedulingStrategy:
+            return PlacementGroupSchedulingStrategy(self.placement_group, rank)
+
+        # Rendezvous on rank 0's node: 127.0.0.1 locally, the node's address on a multi-node cluster.
+        probe = ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0))
+        master_addr, master_port = ray.get(probe.remote(), timeout=120)
+        rendezvous = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+        remote_cls = ray.remote(actor_cls)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                name=f"{name}-{rank}-{os.getpid()}",
+                scheduling_strategy=in_bundle(rank),
+                runtime_env={"env_vars": {**_rank_env(rank, num_workers, num_cpus), **rendezvous, **(env or {})}},
+            ).remote(*init_args)
+            for rank in range(num_workers)
+        ]
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `method` with the same arguments on every rank; return the results in rank order."""
+        return self._gather([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    def call_each(self, method: str, per_rank_args: Sequence[Sequence[Any]]) -> list[Any]:
+        """Call `method` on rank r with `per_rank_args[r]`."""
+        assert len(per_rank_args) == len(self.actors)
+        refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args, strict=True)]
+        return self._gather(refs)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run a module-level function `fn(actor_instance, *args)` inside every actor."""
+        return self._gather([a.__ray_call__.remote(fn, *args) for a in self.actors])
+
+    def run_on(self, rank: int, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._gather([self.actors[rank].__ray_call__.remote(fn, *args)])[0]
+
+    def _gather(self, refs: list[Any]) -> list[Any]:
+        import ray
+
+        try:
+            return ray.get(refs, timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{self.name}: no answer within {CALL_TIMEOUT_S:.0f} s") from None
+
+    def shutdown(self) -> None:
+        """Barrier, then kill the actors hard: torch's gloo teardown can SIGABRT at interpreter exit
+        after a successful run, and a killed actor never reaches that exit path."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get([a.__ray_call__.remote(_barrier_if_distributed) for a in self.actors], timeout=60)
+        except Exception:  # noqa: BLE001 - teardown must not mask the run's own outcome
+            pass
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)
+        self.actors = []
+
+
+def _rank_env(rank: int, world_size: int, num_cpus: float) -> dict[str, str]:
+    threads = str(max(1, int(num_cpus)))
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": "0",  # each actor sees only its own devices
+        "LOCAL_WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
