@@ -18,6 +18,8 @@ demo: setup
 	$(VENV)/bin/posttrain sft configs/tiny/sft.yaml
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra
 
 lint: setup

@@ -293,6 +293,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
             lines.append(f"  {key}: unknown key{hint} (valid here: {', '.join(valid)})")
+        elif e["type"] == "value_error":  # our own cross-field rules: their text already names the keys
+            lines.append(f"  {e['ctx']['error']}" if not loc else f"  {key}: {e['ctx']['error']}")
         else:
             lines.append(f"  {key}: {e['msg']}")
     return "\n".join(lines)

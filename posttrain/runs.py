@@ -1,0 +1,102 @@
+"""Pieces every stage driver shares: inputs built on demand, the learner group, checkpoints, export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import SFTConfig
+
+log = logging.getLogger("posttrain")
+
+
+def prepare_inputs(cfg: SFTConfig) -> str:
+    """Build the tiny model and synthetic datasets the config asks for when missing; return the model path."""
+    from posttrain.tasks import ensure_dataset
+    from posttrain.tiny import ensure_model
+
+    model_path = str(ensure_model(cfg.model))
+    for spec in [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else [])]:
+        ensure_dataset(spec)
+    return model_path
+
+
+def start_learners(cfg: SFTConfig, model_path: str, is_vl: bool, total_steps: int) -> Any:
+    import torch
+
+    from posttrain.learner import Learner
+    from posttrain.workers import WorkerGroup, init_ray
+
+    lc = cfg.learners
+    on_gpu = lc.device == "cuda" or (lc.device == "auto" and torch.cuda.is_available())
+    init_ray(cfg.ray.address, cfg.ray.num_cpus or int(lc.num_learners * lc.cpus_per_learner + 0.999))
+    return WorkerGroup(
+        Learner,
+        lc.num_learners,
+        num_cpus=lc.cpus_per_learner,
+        num_gpus=lc.gpus_per_learner if on_gpu else 0,
+        name="learner",
+        init_args=(cfg.model_dump(mode="json"), model_path, is_vl, total_steps),
+    )
+
+
+def _layout(cfg: SFTConfig) -> dict[str, Any]:
+    """What a checkpoint's optimizer partitions depend on: resuming needs the same values."""
+    return {"num_learners": cfg.learners.num_learners, "zero_stage": cfg.learners.zero_stage}
+
+
+def save_checkpoint(cfg: SFTConfig, learners: Any, out: Path, step: int) -> Path:
+    """Every rank writes into a temporary folder; it becomes `checkpoints/step-N` only once complete."""
+    from posttrain.checkpoint import begin_checkpoint, commit_checkpoint, prune_checkpoints
+
+    root = out / "checkpoints"
+    tmp = begin_checkpoint(root, step)
+    learners.call("save", str(tmp), {"step": step})
+    path = commit_checkpoint(tmp, step, {"step": step, **_layout(cfg)})
+    prune_checkpoints(root, cfg.checkpoint.keep_last)
+    return path
+
+
+def resume(cfg: SFTConfig, learners: Any, out: Path) -> int:
+    """Load the checkpoint `checkpoint.resume` selects into the learners; return its step (0: fresh)."""
+    from posttrain.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
+
+    choice = cfg.checkpoint.resume
+    if choice == "never":
+        return 0
+    if choice == "auto":
+        path = latest_checkpoint(out / "checkpoints")
+        if path is None:
+            return 0
+    else:
+        path = Path(choice)
+    meta = verify_checkpoint(path)["meta"]
+    saved, now = {k: meta.get(k) for k in _layout(cfg)}, _layout(cfg)
+    if saved != now:
+        raise CheckpointError(
+            f"checkpoint {path} was written with {saved}, this run uses {now}: set learners.* to match, "
+            "or checkpoint.resume=never to start over"
+        )
+    learners.call("load", str(path))
+    log.info("resumed from %s (step %d)", path, meta["step"])
+    return int(meta["step"])
+
+
+def export(cfg: SFTConfig, learners: Any, processing: Any, final: Path) -> Path:
+    """`final/`: HF folder (or PEFT adapter) + tokenizer/processor with its chat template, written atomically."""
+    import shutil
+    import tempfile
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=final.parent))
+    merge = bool(cfg.model.lora and cfg.model.lora.merge_on_export)
+    learners.call("export", str(tmp), merge)
+    processing.save_pretrained(tmp)
+    if merge:
+        processing.save_pretrained(tmp / "merged")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.chmod(0o755)
+    tmp.rename(final)
+    return final

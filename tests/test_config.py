@@ -1,0 +1,123 @@
+"""Config loading: every shipped config validates, unknown keys get a suggestion, cross-field rules hold."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import ConfigError, load_config, parse_overrides, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+MINIMAL = {"output_dir": "o", "model": {"path": "m"}, "data": {"train": [{"path": "d"}]}}
+
+
+def stage_of(path: Path) -> str:
+    return path.stem.split("_")[0]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(stage_of(path), path)
+    assert cfg.output_dir
+
+
+def test_shipped_configs_exist() -> None:
+    assert {"sft.yaml", "sft_vl.yaml"} <= {p.name for p in SHIPPED}
+
+
+def test_unknown_key_names_full_path_and_suggests(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("sft", ROOT / "configs/tiny/sft.yaml", ["train.lrr=0.1"])
+    assert "train.lrr: unknown key; did you mean 'train.lr'?" in str(err.value)
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.splt: unknown key; did you mean 'data\.train\.0\.split'"):
+        validate("sft", {**MINIMAL, "data": {"train": [{"path": "d", "splt": "x"}]}})
+
+
+def test_batch_sizes_must_divide() -> None:
+    raw = {**MINIMAL, "train": {"global_batch_size": 10, "micro_batch_size": 4}, "learners": {"num_learners": 2}}
+    with pytest.raises(ConfigError, match=r"global_batch_size \(10\) must be a multiple of .*\(4 × 2 = 8\).*=8"):
+        validate("sft", raw)
+    cfg = validate("sft", {**raw, "train": {"global_batch_size": 16, "micro_batch_size": 4}})
+    assert cfg.grad_accum_steps == 2
+
+
+def test_bad_value_names_key() -> None:
+    with pytest.raises(ConfigError, match=r"learners\.zero_stage: Input should be 0, 1, 2 or 3"):
+        validate("sft", {**MINIMAL, "learners": {"zero_stage": 4}})
+
+
+def test_overrides_parse_yaml_values() -> None:
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null", "e=true", "f=x"]) == {
+        "a": {"b": 1, "c": [1, 2]},
+        "d": None,
+        "e": True,
+        "f": "x",
+    }
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["novalue"])
+
+
+def test_overrides_apply(tmp_path: Path) -> None:
+    cfg = load_config("sft", ROOT / "configs/tiny/sft.yaml", ["train.lr=0.5", "learners.zero_stage=2"])
+    assert cfg.train.lr == 0.5 and cfg.learners.zero_stage == 2
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("sft", tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("sft", bad)
+
+
+def test_every_field_has_a_docstring() -> None:
+    from pydantic import BaseModel
+
+    from posttrain import config
+
+    models = [m for m in vars(config).values() if isinstance(m, type) and issubclass(m, config.Strict) and m is not config.Strict]
+    missing = [
+        f"{m.__name__}.{name}"
+        for m in models
+        for name, field in m.model_fields.items()
+        if not field.description and not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+    ]
+    assert not missing
+
+
+def test_config_imports_without_heavy_modules() -> None:
+    code = "import sys, posttrain.config, posttrain.cli; print(sorted({'torch','ray','vllm','deepspeed','transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_is_fast() -> None:
+    began = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "posttrain", "--help"], capture_output=True, text=True, check=True)
+    assert time.perf_counter() - began < 1.0
+    assert "sft" in out.stdout and "make-tiny-model" in out.stdout
+
+
+def test_cli_reports_config_errors_cleanly() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "sft", str(ROOT / "configs/tiny/sft.yaml"), "model.pth=x", "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "model.pth: unknown key; did you mean 'model.path'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_dry_run_prints_resolved_config() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "sft", str(ROOT / "configs/tiny/sft.yaml"), "train.lr=0.25", "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "lr: 0.25" in proc.stdout and "zero_stage: 0" in proc.stdout
