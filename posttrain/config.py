@@ -36,7 +36,7 @@ class TinyModel(Strict):
 class Lora(Strict):
     r: int = Field(8, ge=1)
     """LoRA rank."""
-    alpha: float = 16.0
+    alpha: int = 16
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
@@ -248,29 +248,34 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Any, extra: Any) -> Any:
+    """Overlay `extra` on `base`; numeric keys address list items (`data.train.0.path=...`)."""
+    if isinstance(base, list) and isinstance(extra, dict) and all(str(k).isdigit() for k in extra):
+        merged_list = list(base)
+        for key, value in extra.items():
+            if int(key) >= len(merged_list):
+                raise ConfigError(f"override index {key} is past the end of a list of {len(merged_list)}")
+            merged_list[int(key)] = deep_merge(merged_list[int(key)], value)
+        return merged_list
+    if not (isinstance(base, dict) and isinstance(extra, dict)):
+        return extra
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
+        merged[key] = deep_merge(merged[key], value) if key in merged else value
     return merged
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names at `loc` inside `model` (walking nested models and lists of models)."""
-    current: Any = model
+    current: type[BaseModel] | None = model
     for part in loc:
         if isinstance(part, int):
             continue
-        field = current.model_fields.get(part) if isinstance(current, type) else None
+        field = current.model_fields.get(str(part)) if current is not None else None
         if field is None:
             return []
         current = _inner_model(field.annotation)
-        if current is None:
-            return []
-    return list(current.model_fields) if isinstance(current, type) else []
+    return list(current.model_fields) if current is not None else []
 
 
 def _inner_model(annotation: Any) -> type[BaseModel] | None:

@@ -42,7 +42,7 @@ def load_model(cfg: SFTConfig, model_path: str, is_vl: bool) -> Any:
     m = cfg.model
     cls = AutoModelForImageTextToText if is_vl else AutoModelForCausalLM
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-    model = cls.from_pretrained(
+    model: Any = cls.from_pretrained(
         model_path, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
     )
     if m.gradient_checkpointing:
@@ -121,6 +121,20 @@ class Learner:
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         return {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": float(grad_norm), "lr": lr}
+
+    def token_logprobs(self, batch: dict[str, Any]) -> Any:
+        """Log-probabilities of each next token under the current weights ([B, T-1], fp32, on CPU)."""
+        import torch
+
+        from posttrain.losses import next_token_logprobs
+
+        module = self.engine.module
+        module.eval()
+        with torch.no_grad():
+            batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+            logits = self.engine(**batch, use_cache=False).logits
+        module.train()
+        return next_token_logprobs(logits, batch["input_ids"]).cpu()
 
     # ---------------------------------------------------------------------------------------- generation
 

@@ -17,13 +17,19 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     lets the caller normalise by the token count of the whole global batch, which makes the loss
     independent of how the batch is split across learners and micro-batches.
     """
+    import torch
+
+    mask = labels[:, 1:] != -100
+    picked = next_token_logprobs(logits, labels.clamp(min=0))
+    return -torch.where(mask, picked, 0.0).sum(), int(mask.sum())
+
+
+def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[:, t+1] | ≤ t) for every position, in fp32: [B, T-1]."""
     import torch.nn.functional as F
 
-    targets = labels[:, 1:]
-    mask = targets != -100
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return -(picked * mask).sum(), int(mask.sum())
+    return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:

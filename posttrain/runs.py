@@ -16,7 +16,8 @@ def prepare_inputs(cfg: SFTConfig) -> str:
     from posttrain.tasks import ensure_dataset
     from posttrain.tiny import ensure_model
 
-    model_path = str(ensure_model(cfg.model))
+    model = ensure_model(cfg.model)
+    model_path = str(model.resolve()) if isinstance(model, Path) else model
     for spec in [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else [])]:
         ensure_dataset(spec)
     return model_path

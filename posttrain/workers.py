@@ -99,8 +99,8 @@ class WorkerGroup:
         probe = ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0))
         master_addr, master_port = ray.get(probe.remote(), timeout=120)
         rendezvous = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
-        remote_cls = ray.remote(actor_cls)
-        self.actors = [
+        remote_cls: Any = ray.remote(actor_cls)
+        self.actors: list[Any] = [
             remote_cls.options(
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,

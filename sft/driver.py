@@ -28,7 +28,7 @@ def run(cfg: SFTConfig) -> Path:
     from posttrain.evaluation import EvalSet
     from posttrain.metrics import MetricsLog
 
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).resolve()  # actors may run in another working directory
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     model_path = runs.prepare_inputs(cfg)
@@ -43,7 +43,7 @@ def run(cfg: SFTConfig) -> Path:
         start = runs.resume(cfg, learners, out)
         metrics = MetricsLog(out, cfg.logging, cfg.model_dump(mode="json"), start, total_steps)
         if start == 0:
-            metrics.log(0, {f"data/{k}": v for k, v in data.stats_dict().items()})
+            metrics.log(0, data_metrics(data.stats))
             if eval_set:
                 metrics.log(0, eval_set.evaluate(learners))
         for step in range(start, total_steps):
@@ -65,10 +65,14 @@ def run(cfg: SFTConfig) -> Path:
 def train_step(learners: Any, data: Any, step: int, cfg: SFTConfig) -> dict[str, Any]:
     """One optimizer step over the global batch `step` (a pure function of seed and step)."""
     t = cfg.train
-    items = data.batch(step, t.global_batch_size, t.seed)
-    shards = data.shard(items, len(learners), t.micro_batch_size)
-    loss_tokens = sum(item.loss_tokens for item in items)
-    real_tokens = sum(sum(item.seq_lens) for item in items)
+    indices = data.batches(step, t.global_batch_size, t.seed)
+    per_rank, micro = t.global_batch_size // len(learners), t.micro_batch_size
+    shards = [
+        [data.collate(indices[start : start + micro]) for start in range(rank * per_rank, (rank + 1) * per_rank, micro)]
+        for rank in range(len(learners))
+    ]
+    loss_tokens = data.loss_tokens(indices)
+    real_tokens = sum(sum(data.items[i].seq_lens) for i in indices)
     began = time.perf_counter()
     stats = learners.call_each("train_step", [(shard, loss_tokens) for shard in shards])
     seconds = time.perf_counter() - began
@@ -82,6 +86,15 @@ def train_step(learners: Any, data: Any, step: int, cfg: SFTConfig) -> dict[str,
         "padding_fraction": 1 - real_tokens / max(1, padded_tokens),
         "step_seconds": seconds,
     }
+
+
+def data_metrics(stats: Any) -> dict[str, Any]:
+    """Preflight and encoding counts, logged once as `data/...` keys."""
+    from dataclasses import asdict
+
+    flat = {k: v for k, v in asdict(stats).items() if isinstance(v, int)}
+    flat |= {f"samples_{mode}": n for mode, n in stats.modes.items()}
+    return {f"data/{k}": v for k, v in flat.items()}
 
 
 def _due(step: int, every: int | None) -> bool:

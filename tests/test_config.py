@@ -61,8 +61,10 @@ def test_overrides_parse_yaml_values() -> None:
 
 
 def test_overrides_apply(tmp_path: Path) -> None:
-    cfg = load_config("sft", ROOT / "configs/tiny/sft.yaml", ["train.lr=0.5", "learners.zero_stage=2"])
-    assert cfg.train.lr == 0.5 and cfg.learners.zero_stage == 2
+    cfg = load_config("sft", ROOT / "configs/tiny/sft.yaml", ["train.lr=0.5", "learners.zero_stage=2", "data.train.0.split=x"])
+    assert cfg.train.lr == 0.5 and cfg.learners.zero_stage == 2 and cfg.data.train[0].split == "x"
+    with pytest.raises(ConfigError, match="index 3 is past the end"):
+        load_config("sft", ROOT / "configs/tiny/sft.yaml", ["data.train.3.split=x"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

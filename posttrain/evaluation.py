@@ -1,0 +1,88 @@
+"""Held-out exact-match accuracy by greedy generation on the learners (HF generate)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.config import DatasetSpec, EvalConfig
+
+
+@dataclass
+class EvalSet:
+    prompts: list[Any]  # data.EvalPrompt
+    cfg: EvalConfig
+    tokenizer: Any
+    eos_id: int
+    pad_id: int
+
+    @classmethod
+    def build(cls, spec: DatasetSpec, cfg: EvalConfig, processing: Any, is_vl: bool) -> EvalSet:
+        from posttrain.data import build_eval_prompts, tokenizer_of
+
+        tok = tokenizer_of(processing)
+        prompts = build_eval_prompts(spec, processing, cfg.thinking, cfg.max_samples)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return cls(prompts, cfg, tok, tok.convert_tokens_to_ids("<|im_end|>"), pad)
+
+    def evaluate(self, learners: Any) -> dict[str, float]:
+        """Generate on every learner (each takes a contiguous shard), then score by exact match."""
+        world = len(learners)
+        per_rank = math.ceil(len(self.prompts) / world)
+        # Equal shard sizes keep ranks in lockstep (ZeRO-3 gathers parameters collectively);
+        # the filler repeats prompt 0 and its output is dropped.
+        order = list(range(len(self.prompts))) + [0] * (per_rank * world - len(self.prompts))
+        shards = [order[r * per_rank : (r + 1) * per_rank] for r in range(world)]
+        args = [(self._batches(shard), self.cfg.max_new_tokens, self.eos_id) for shard in shards]
+        outputs = [ids for rank_out in learners.call_each("generate", args) for ids in rank_out]
+        return self.score(outputs[: len(self.prompts)])
+
+    def _batches(self, indices: list[int]) -> list[dict[str, Any]]:
+        size = self.cfg.batch_size
+        return [left_padded([self.prompts[i] for i in indices[k : k + size]], self.pad_id) for k in range(0, len(indices), size)]
+
+    def score(self, completions: list[list[int]]) -> dict[str, float]:
+        from posttrain.data import exact_match, extract_answer
+
+        hits: dict[str, list[bool]] = defaultdict(list)
+        lengths, truncated = [], 0
+        for prompt, ids in zip(self.prompts, completions, strict=True):
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            hit = exact_match(extract_answer(text), prompt.solution)
+            hits["all"].append(hit)
+            hits[prompt.mode].append(hit)
+            lengths.append(len(ids))
+            truncated += len(ids) >= self.cfg.max_new_tokens
+        metrics = {"eval/accuracy": _mean(hits.pop("all"))}
+        metrics |= {f"eval/accuracy_{mode}": _mean(v) for mode, v in hits.items()}
+        metrics |= {"eval/response_tokens": _mean(lengths), "eval/truncated": truncated / max(1, len(lengths))}
+        return metrics
+
+
+def left_padded(prompts: list[Any], pad_id: int) -> dict[str, Any]:
+    """A generation batch: prompts right-aligned so new tokens follow every prompt directly."""
+    import torch
+
+    width = max(len(p.prompt_ids) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        input_ids[b, width - len(p.prompt_ids) :] = torch.tensor(p.prompt_ids)
+        attention_mask[b, width - len(p.prompt_ids) :] = 1
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if prompts[0].vision is not None:
+        types = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            types[b, width - len(p.prompt_ids) :] = p.vision["mm_token_type_ids"][0]
+        batch["mm_token_type_ids"] = types
+        for key in ("pixel_values", "image_grid_thw"):
+            parts = [p.vision[key] for p in prompts if key in p.vision]
+            if parts:
+                batch[key] = torch.cat(parts)
+    return batch
+
+
+def _mean(values: list[Any]) -> float:
+    return sum(values) / len(values) if values else 0.0

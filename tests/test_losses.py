@@ -1,0 +1,58 @@
+"""Pure functions against independent references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain.losses import lr_multiplier, next_token_logprobs, token_nll_sum
+
+
+def test_token_nll_sum_matches_cross_entropy_and_its_gradient() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :4] = -100
+    labels[2, 5:] = -100
+    total, count = token_nll_sum(logits, labels)
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), reduction="sum")
+    assert count == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(total, reference, atol=1e-5)
+    (grad,) = torch.autograd.grad(total, logits)
+    (ref_grad,) = torch.autograd.grad(reference, logits)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+    assert (grad[:, -1] == 0).all()  # the last position predicts nothing
+
+
+def test_loss_is_independent_of_how_the_batch_is_split() -> None:
+    torch.manual_seed(1)
+    logits, labels = torch.randn(4, 6, 5), torch.randint(0, 5, (4, 6))
+    labels[1, :3] = -100
+    whole, n = token_nll_sum(logits, labels)
+    parts = [token_nll_sum(logits[i : i + 1], labels[i : i + 1]) for i in range(4)]
+    assert sum(c for _, c in parts) == n
+    assert torch.allclose(sum(t for t, _ in parts) / n, whole / n)
+
+
+def test_next_token_logprobs_by_hand() -> None:
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(2.0), 0.0], [0.0, 0.0]]])
+    tokens = torch.tensor([[0, 1, 0]])
+    expected = torch.tensor([[math.log(3 / 4), math.log(2 / 3)]])
+    assert torch.allclose(next_token_logprobs(logits, tokens), expected)
+
+
+@pytest.mark.parametrize(
+    ("step", "kind", "expected"),
+    [
+        (0, "cosine", 0.25),  # warmup: (0+1)/4
+        (3, "cosine", 1.0),
+        (4, "constant", 1.0),
+        (14, "linear", 0.1 + 0.9 * 0.5),  # half-way through 20 decay steps
+        (14, "cosine", 0.1 + 0.9 * 0.5),  # cos(pi/2) = 0
+        (24, "cosine", 0.1),
+        (30, "linear", 0.1),
+    ],
+)
+def test_lr_multiplier(step: int, kind: str, expected: float) -> None:
+    assert lr_multiplier(step, total_steps=24, warmup_steps=4, kind=kind, min_ratio=0.1) == pytest.approx(expected)
