@@ -1,0 +1,65 @@
+"""LoRA SFT on the DeepSpeed learner: the exported PEFT adapter reloads with the learner's exact logits, and
+the merged export equals base + adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import validate
+
+pytestmark = pytest.mark.integration
+
+
+def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import runs
+    from posttrain.data import build_sft_dataset, load_processing
+    from posttrain.losses import next_token_logprobs
+    from posttrain.sft.driver import train_step
+
+    data_dir = tmp_path / "arithmetic"
+    cfg = validate(
+        "sft",
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"path": str(tiny_text_model), "lora": {"r": 4, "alpha": 8, "merge_on_export": True}},
+            "data": {"train": [{"path": str(data_dir), "generate": {"train_size": 64, "test_size": 4}}], "max_length": 128},
+            "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "lr": 1e-2},
+            "logging": {"progress": False},
+        },
+    )
+    model_path = runs.prepare_inputs(cfg)
+    processing, is_vl = load_processing(model_path)
+    data = build_sft_dataset(cfg.data, processing, is_vl)
+    probe = data.collate(list(range(4)))
+    learners = runs.start_learners(cfg, model_path, is_vl, total_steps=3)
+    try:
+        counts = learners.call("num_parameters")[0]
+        for step in range(3):
+            train_step(learners, data, step, cfg)
+        trained = learners.call("token_logprobs", probe)[0]
+        final = runs.export(cfg, learners, processing, tmp_path / "run" / "final")
+    finally:
+        learners.shutdown()
+
+    assert 0 < counts["trainable"] < counts["total"] / 5
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in final.iterdir()}
+    assert not (final / "model.safetensors").exists()  # adapter only, the base is not copied
+
+    def logprobs(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=probe["input_ids"], position_ids=probe["position_ids"]).logits
+        return next_token_logprobs(logits, probe["input_ids"])
+
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    before = logprobs(base)
+    reloaded = logprobs(PeftModel.from_pretrained(base, final).eval())
+    merged = logprobs(AutoModelForCausalLM.from_pretrained(final / "merged"))
+    assert (trained - before).abs().max() > 1e-3  # the adapter learned something
+    assert (reloaded - trained).abs().max() < 1e-5
+    assert (merged - reloaded).abs().max() < 1e-5
