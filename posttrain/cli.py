@@ -11,7 +11,9 @@ from collections.abc import Sequence
 def _stage_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 learners.num_learners=2")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 learners.num_learners=2"
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
 
 
@@ -45,7 +47,10 @@ def run_command(args: argparse.Namespace) -> None:
         from posttrain.config import TinyTask
         from posttrain.tasks import write_task
 
-        write_task(args.dir, TinyTask(name=args.name, train_size=args.train_size, test_size=args.test_size, seed=args.seed))
+        write_task(
+            args.dir,
+            TinyTask(name=args.name, train_size=args.train_size, test_size=args.test_size, seed=args.seed),
+        )
         print(args.dir)
     else:
         from posttrain.config import load_config

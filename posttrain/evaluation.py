@@ -41,7 +41,10 @@ class EvalSet:
 
     def _batches(self, indices: list[int]) -> list[dict[str, Any]]:
         size = self.cfg.batch_size
-        return [left_padded([self.prompts[i] for i in indices[k : k + size]], self.pad_id) for k in range(0, len(indices), size)]
+        return [
+            left_padded([self.prompts[i] for i in indices[k : k + size]], self.pad_id)
+            for k in range(0, len(indices), size)
+        ]
 
     def score(self, completions: list[list[int]]) -> dict[str, float]:
         from posttrain.data import exact_match, extract_answer
@@ -57,7 +60,10 @@ class EvalSet:
             truncated += len(ids) >= self.cfg.max_new_tokens
         metrics = {"eval/accuracy": _mean(hits.pop("all"))}
         metrics |= {f"eval/accuracy_{mode}": _mean(v) for mode, v in hits.items()}
-        metrics |= {"eval/response_tokens": _mean(lengths), "eval/truncated": truncated / max(1, len(lengths))}
+        metrics |= {
+            "eval/response_tokens": _mean(lengths),
+            "eval/truncated": truncated / max(1, len(lengths)),
+        }
         return metrics
 
 

@@ -43,7 +43,10 @@ def load_model(cfg: SFTConfig, model_path: str, is_vl: bool) -> Any:
     cls = AutoModelForImageTextToText if is_vl else AutoModelForCausalLM
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     model: Any = cls.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
+        model_path,
+        dtype=dtype,
+        attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code,
     )
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -65,7 +68,7 @@ def load_model(cfg: SFTConfig, model_path: str, is_vl: bool) -> Any:
 
 def vision_tower(model: Any) -> Any:
     inner = getattr(model, "model", model)
-    return getattr(inner, "visual", None) or getattr(model, "visual")
+    return getattr(inner, "visual", None) or model.visual
 
 
 class Learner:
@@ -75,6 +78,9 @@ class Learner:
         import deepspeed
         import torch
 
+        from posttrain.runs import quiet_libraries
+
+        quiet_libraries()
         self.cfg = cfg = SFTConfig.model_validate(cfg_dict)
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.device = _pick_device(cfg.learners.device)
@@ -138,7 +144,9 @@ class Learner:
 
     # ---------------------------------------------------------------------------------------- generation
 
-    def generate(self, batches: list[dict[str, Any]], max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
+    def generate(
+        self, batches: list[dict[str, Any]], max_new_tokens: int, eos_token_id: int
+    ) -> list[list[int]]:
         """Greedy completions for left-padded prompt batches. Under ZeRO-3 every rank must run the same
         number of batches (the caller pads shards) and `synced_gpus` keeps parameter gathers in step."""
         import torch

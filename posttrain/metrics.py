@@ -25,7 +25,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any], start_step: int, total_steps: int):
+    def __init__(
+        self, out_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any], start_step: int, total_steps: int
+    ):
         self.path = out_dir / "metrics.jsonl"
         truncate_after(self.path, start_step)
         self.file = self.path.open("a")
@@ -37,7 +39,9 @@ class MetricsLog:
         if cfg.wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=str(out_dir), config=run_config, resume="allow")
+            self.wandb = wandb.init(
+                project=cfg.wandb_project, dir=str(out_dir), config=run_config, resume="allow"
+            )
         if cfg.progress:
             from tqdm import tqdm
 
@@ -54,7 +58,9 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
         if self.bar is not None:
-            shown = {k: f"{v:.4g}" for k, v in numbers.items() if k in ("loss", "tokens_per_s", "eval/accuracy")}
+            shown = {
+                k: f"{v:.4g}" for k, v in numbers.items() if k in ("loss", "tokens_per_s", "eval/accuracy")
+            }
             self.bar.set_postfix(shown, refresh=False)
 
     def advance(self) -> None:

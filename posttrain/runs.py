@@ -11,6 +11,17 @@ from posttrain.config import SFTConfig
 log = logging.getLogger("posttrain")
 
 
+def quiet_libraries() -> None:
+    """Our own progress bar and log lines are the run's output; silence the libraries' per-file bars."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
 def prepare_inputs(cfg: SFTConfig) -> str:
     """Build the tiny model and synthetic datasets the config asks for when missing; return the model path."""
     from posttrain.tasks import ensure_dataset

@@ -7,6 +7,7 @@ teardown that cannot turn a finished run into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -92,6 +93,7 @@ class WorkerGroup:
                 f"{name}: Ray could not reserve {num_workers} × {bundle} within 120 s; "
                 f"cluster has {ray.cluster_resources()} (lower the worker count or resources per worker)"
             ) from None
+
         def in_bundle(rank: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(self.placement_group, rank)
 
@@ -106,7 +108,9 @@ class WorkerGroup:
                 num_gpus=num_gpus,
                 name=f"{name}-{rank}-{os.getpid()}",
                 scheduling_strategy=in_bundle(rank),
-                runtime_env={"env_vars": {**_rank_env(rank, num_workers, num_cpus), **rendezvous, **(env or {})}},
+                runtime_env={
+                    "env_vars": {**_rank_env(rank, num_workers, num_cpus), **rendezvous, **(env or {})}
+                },
             ).remote(*init_args)
             for rank in range(num_workers)
         ]
@@ -146,10 +150,8 @@ class WorkerGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        try:
+        with contextlib.suppress(Exception):  # teardown must not mask the run's own outcome
             ray.get([a.__ray_call__.remote(_barrier_if_distributed) for a in self.actors], timeout=60)
-        except Exception:  # noqa: BLE001 - teardown must not mask the run's own outcome
-            pass
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)

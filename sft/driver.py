@@ -28,6 +28,8 @@ def run(cfg: SFTConfig) -> Path:
     from posttrain.evaluation import EvalSet
     from posttrain.metrics import MetricsLog
 
+    began = time.perf_counter()
+    runs.quiet_libraries()
     out = Path(cfg.output_dir).resolve()  # actors may run in another working directory
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -46,6 +48,7 @@ def run(cfg: SFTConfig) -> Path:
             metrics.log(0, data_metrics(data.stats))
             if eval_set:
                 metrics.log(0, eval_set.evaluate(learners))
+        last: dict[str, Any] = {}
         for step in range(start, total_steps):
             record = train_step(learners, data, step, cfg)
             done = step + 1
@@ -53,12 +56,15 @@ def run(cfg: SFTConfig) -> Path:
                 record |= eval_set.evaluate(learners)
             metrics.log(done, record)
             metrics.advance()
+            last = record
             if done == total_steps or _due(done, cfg.checkpoint.every_steps):
                 runs.save_checkpoint(cfg, learners, out, done)
         metrics.close()
         final = runs.export(cfg, learners, processing, out / "final")
     finally:
         learners.shutdown()
+    shown = {k: round(v, 4) for k, v in last.items() if k in ("loss", "eval/accuracy")}
+    log.info("finished in %.1f min %s → %s", (time.perf_counter() - began) / 60, shown, final)
     return final
 
 
@@ -68,7 +74,10 @@ def train_step(learners: Any, data: Any, step: int, cfg: SFTConfig) -> dict[str,
     indices = data.batches(step, t.global_batch_size, t.seed)
     per_rank, micro = t.global_batch_size // len(learners), t.micro_batch_size
     shards = [
-        [data.collate(indices[start : start + micro]) for start in range(rank * per_rank, (rank + 1) * per_rank, micro)]
+        [
+            data.collate(indices[start : start + micro])
+            for start in range(rank * per_rank, (rank + 1) * per_rank, micro)
+        ]
         for rank in range(len(learners))
     ]
     loss_tokens = data.loss_tokens(indices)

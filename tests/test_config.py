@@ -32,13 +32,21 @@ def test_unknown_key_names_full_path_and_suggests(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("sft", ROOT / "configs/tiny/sft.yaml", ["train.lrr=0.1"])
     assert "train.lrr: unknown key; did you mean 'train.lr'?" in str(err.value)
-    with pytest.raises(ConfigError, match=r"data\.train\.0\.splt: unknown key; did you mean 'data\.train\.0\.split'"):
+    with pytest.raises(
+        ConfigError, match=r"data\.train\.0\.splt: unknown key; did you mean 'data\.train\.0\.split'"
+    ):
         validate("sft", {**MINIMAL, "data": {"train": [{"path": "d", "splt": "x"}]}})
 
 
 def test_batch_sizes_must_divide() -> None:
-    raw = {**MINIMAL, "train": {"global_batch_size": 10, "micro_batch_size": 4}, "learners": {"num_learners": 2}}
-    with pytest.raises(ConfigError, match=r"global_batch_size \(10\) must be a multiple of .*\(4 × 2 = 8\).*=8"):
+    raw = {
+        **MINIMAL,
+        "train": {"global_batch_size": 10, "micro_batch_size": 4},
+        "learners": {"num_learners": 2},
+    }
+    with pytest.raises(
+        ConfigError, match=r"global_batch_size \(10\) must be a multiple of .*\(4 × 2 = 8\).*=8"
+    ):
         validate("sft", raw)
     cfg = validate("sft", {**raw, "train": {"global_batch_size": 16, "micro_batch_size": 4}})
     assert cfg.grad_accum_steps == 2
@@ -61,7 +69,11 @@ def test_overrides_parse_yaml_values() -> None:
 
 
 def test_overrides_apply(tmp_path: Path) -> None:
-    cfg = load_config("sft", ROOT / "configs/tiny/sft.yaml", ["train.lr=0.5", "learners.zero_stage=2", "data.train.0.split=x"])
+    cfg = load_config(
+        "sft",
+        ROOT / "configs/tiny/sft.yaml",
+        ["train.lr=0.5", "learners.zero_stage=2", "data.train.0.split=x"],
+    )
     assert cfg.train.lr == 0.5 and cfg.learners.zero_stage == 2 and cfg.data.train[0].split == "x"
     with pytest.raises(ConfigError, match="index 3 is past the end"):
         load_config("sft", ROOT / "configs/tiny/sft.yaml", ["data.train.3.split=x"])
@@ -81,12 +93,17 @@ def test_every_field_has_a_docstring() -> None:
 
     from posttrain import config
 
-    models = [m for m in vars(config).values() if isinstance(m, type) and issubclass(m, config.Strict) and m is not config.Strict]
+    models = [
+        m
+        for m in vars(config).values()
+        if isinstance(m, type) and issubclass(m, config.Strict) and m is not config.Strict
+    ]
     missing = [
         f"{m.__name__}.{name}"
         for m in models
         for name, field in m.model_fields.items()
-        if not field.description and not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+        if not field.description
+        and not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
     ]
     assert not missing
 
@@ -99,14 +116,24 @@ def test_config_imports_without_heavy_modules() -> None:
 
 def test_help_is_fast() -> None:
     began = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "posttrain", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "posttrain", "--help"], capture_output=True, text=True, check=True
+    )
     assert time.perf_counter() - began < 1.0
     assert "sft" in out.stdout and "make-tiny-model" in out.stdout
 
 
 def test_cli_reports_config_errors_cleanly() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "posttrain", "sft", str(ROOT / "configs/tiny/sft.yaml"), "model.pth=x", "--dry-run"],
+        [
+            sys.executable,
+            "-m",
+            "posttrain",
+            "sft",
+            str(ROOT / "configs/tiny/sft.yaml"),
+            "model.pth=x",
+            "--dry-run",
+        ],
         capture_output=True,
         text=True,
     )
@@ -117,7 +144,15 @@ def test_cli_reports_config_errors_cleanly() -> None:
 
 def test_cli_dry_run_prints_resolved_config() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "posttrain", "sft", str(ROOT / "configs/tiny/sft.yaml"), "train.lr=0.25", "--dry-run"],
+        [
+            sys.executable,
+            "-m",
+            "posttrain",
+            "sft",
+            str(ROOT / "configs/tiny/sft.yaml"),
+            "train.lr=0.25",
+            "--dry-run",
+        ],
         capture_output=True,
         text=True,
         check=True,

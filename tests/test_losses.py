@@ -55,4 +55,6 @@ def test_next_token_logprobs_by_hand() -> None:
     ],
 )
 def test_lr_multiplier(step: int, kind: str, expected: float) -> None:
-    assert lr_multiplier(step, total_steps=24, warmup_steps=4, kind=kind, min_ratio=0.1) == pytest.approx(expected)
+    assert lr_multiplier(step, total_steps=24, warmup_steps=4, kind=kind, min_ratio=0.1) == pytest.approx(
+        expected
+    )

@@ -36,7 +36,13 @@ def sft_config(out: Path, model: Path, data: Path, **changes: Any) -> dict[str, 
         "output_dir": str(out),
         "model": {"path": str(model)},
         "data": {"train": [{"path": str(data), "split": "train"}], "max_length": 128},
-        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 4, "lr": 3e-3, "warmup_steps": 1},
+        "train": {
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "max_steps": 4,
+            "lr": 3e-3,
+            "warmup_steps": 1,
+        },
         "learners": {"num_learners": 1, "zero_stage": 0},
         "logging": {"progress": False},
     }
@@ -60,7 +66,9 @@ def final_weights(out: Path) -> dict[str, Any]:
     return load_file(str(out / "final" / "model.safetensors"))
 
 
-def test_data_parallel_zero_stages_match_single_learner(tmp_path: Path, tiny_text_model: Path, arithmetic: Path) -> None:
+def test_data_parallel_zero_stages_match_single_learner(
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+) -> None:
     single = losses(run_sft(sft_config(tmp_path / "one", tiny_text_model, arithmetic)))
     for stage in (2, 3):
         two = {"learners": {"num_learners": 2, "zero_stage": stage}}
@@ -74,16 +82,24 @@ def test_outputs_and_loadable_export(tmp_path: Path, tiny_text_model: Path, arit
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    raw = sft_config(out, tiny_text_model, arithmetic, data={"eval": {"path": str(arithmetic), "split": "test"}})
-    records = run_sft(deep_merge(raw, {"eval": {"max_samples": 8, "max_new_tokens": 8}, "logging": {"tensorboard": True}}))
-    assert {"config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard"} <= {p.name for p in out.iterdir()}
+    raw = sft_config(
+        out, tiny_text_model, arithmetic, data={"eval": {"path": str(arithmetic), "split": "test"}}
+    )
+    records = run_sft(
+        deep_merge(raw, {"eval": {"max_samples": 8, "max_new_tokens": 8}, "logging": {"tensorboard": True}})
+    )
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard"} <= {
+        p.name for p in out.iterdir()
+    }
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all({"loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in steps)
     assert "eval/accuracy" in records[-1] and any(r["step"] == 0 and "eval/accuracy" in r for r in records)
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
-    assert "<think>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert "<think>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert sum(p.numel() for p in model.parameters()) > 0
     assert not list((out / "final").glob("*.bin")) and not list((out / "final").glob("*.pt"))
 
@@ -98,11 +114,18 @@ def _cli(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_resume_after_kill_is_bit_exact(tmp_path: Path, tiny_text_model: Path, arithmetic: Path, zero_stage: int) -> None:
+def test_resume_after_kill_is_bit_exact(
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path, zero_stage: int
+) -> None:
     extra = [f"learners.zero_stage={zero_stage}", f"learners.num_learners={2 if zero_stage else 1}"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     subprocess.run(_cli(whole, tiny_text_model, arithmetic, *extra), check=True, capture_output=True)
-    proc = subprocess.Popen(_cli(broken, tiny_text_model, arithmetic, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(broken, tiny_text_model, arithmetic, *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (broken / "checkpoints" / "step-00000004").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before its 4th step checkpoint"
@@ -110,7 +133,9 @@ def test_resume_after_kill_is_bit_exact(tmp_path: Path, tiny_text_model: Path, a
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-run
     proc.wait()
     assert not (broken / "final").exists()
-    resumed = subprocess.run(_cli(broken, tiny_text_model, arithmetic, *extra), capture_output=True, text=True)
+    resumed = subprocess.run(
+        _cli(broken, tiny_text_model, arithmetic, *extra), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = read_metrics(whole / "metrics.jsonl"), read_metrics(broken / "metrics.jsonl")
     assert [r["step"] for r in b if "loss" in r] == list(range(1, 9))
@@ -130,6 +155,11 @@ def test_bad_row_stops_before_training_naming_file_row_column(tmp_path: Path, ti
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "bad.jsonl" in proc.stderr and "row 2" in proc.stderr and "messages" in proc.stderr and "bot" in proc.stderr
+    assert (
+        "bad.jsonl" in proc.stderr
+        and "row 2" in proc.stderr
+        and "messages" in proc.stderr
+        and "bot" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
