@@ -42,7 +42,8 @@ _TMP = ".tmp-"  # in-progress checkpoints and temp files; always safe to delete 
 _OLD = ".old-"  # a committed step folder moved aside while a same-step commit replaces it
 _TRASH = ".trash-"  # pruned folders, renamed first so a half-deleted one is never mistaken for a checkpoint
 _STEP_RE = re.compile(r"step-(\d{8,})")
-_SAVE_ID = "posttrain.save_id"
+_FORMAT_KEY = "posttrain.format"
+_SKELETON_KEY = "posttrain.skeleton"
 _CHUNK = 8 << 20
 
 
@@ -206,43 +207,42 @@ def _dumps(obj: Any, what: str) -> str:
         raise CheckpointError(f"{what} is not JSON-serializable: {e}") from e
 
 
-def _file_name(directory: str | os.PathLike[str], name: str, suffix: str) -> Path:
+def _file_name(directory: str | os.PathLike[str], name: str) -> Path:
     if not name or os.sep in name or name.startswith("."):
         raise CheckpointError(f"invalid state name {name!r}: a plain file name without '/' or leading '.'")
-    return Path(directory) / f"{name}{suffix}"
+    return Path(directory) / name
 
 
 def save_state(directory: str | os.PathLike[str], name: str, obj: Any) -> None:
-    """Write `name.safetensors` and `name.json` in `directory`, each atomically."""
+    """Write `obj` to the single file `directory/name`, atomically: tensors as safetensors, the structure
+    as JSON in the file's metadata (one file, so callers that expect a given file name get exactly it)."""
     from safetensors.torch import save_file
 
     tensors, skeleton = flatten_state(obj)
-    # The same random id in both files lets load_state detect a pair from two different saves.
-    save_id = uuid.uuid4().hex
-    text = _dumps({"format": FORMAT_VERSION, "save_id": save_id, "skeleton": skeleton}, f"state {name!r}")
-    weights, doc = _file_name(directory, name, ".safetensors"), _file_name(directory, name, ".json")
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={_SAVE_ID: save_id}))
-    _atomic_write(doc, lambda p: p.write_text(text))
+    meta = {_FORMAT_KEY: str(FORMAT_VERSION), _SKELETON_KEY: _dumps(skeleton, f"state {name!r}")}
+    path = _file_name(directory, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 def load_state(directory: str | os.PathLike[str], name: str) -> Any:
     """Read what `save_state` wrote; every tensor lands on CPU. Never unpickles."""
     from safetensors import safe_open
 
-    weights, doc_path = _file_name(directory, name, ".safetensors"), _file_name(directory, name, ".json")
-    doc = _read_json(doc_path)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION or "skeleton" not in doc:
-        raise CheckpointError(f"{doc_path}: not a posttrain state file (format {FORMAT_VERSION})")
+    path = _file_name(directory, name)
     try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            save_id = (f.metadata() or {}).get(_SAVE_ID)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except Exception as e:  # OSError, or SafetensorError for a malformed file
-        raise CheckpointError(f"{weights}: cannot read safetensors file: {e}") from e
-    if save_id != doc.get("save_id"):
-        raise CheckpointError(f"{weights} and {doc_path} come from different saves")
-    return unflatten_state(tensors, doc["skeleton"])
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from e
+    if meta.get(_FORMAT_KEY) != str(FORMAT_VERSION) or _SKELETON_KEY not in meta:
+        raise CheckpointError(f"{path}: not a posttrain state file (format {FORMAT_VERSION})")
+    try:
+        skeleton = json.loads(meta[_SKELETON_KEY])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable structure metadata: {e}") from e
+    return unflatten_state(tensors, skeleton)
 
 
 def _read_json(path: Path) -> Any:

@@ -60,7 +60,7 @@ def decode_objects(obj: Any) -> Any:
 
 
 class SafeCheckpointEngine(CheckpointEngine):
-    """Stores each state dict DeepSpeed hands over as `<file>.safetensors` + `<file>.json`."""
+    """Stores each state dict DeepSpeed hands over as a safetensors file under the name DeepSpeed chose."""
 
     def __init__(self) -> None:
         super().__init__()

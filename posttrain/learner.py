@@ -182,7 +182,7 @@ class Learner:
             save_latest=False,
             exclude_frozen_parameters=self.cfg.model.lora is not None,
         )
-        save_state(Path(directory), f"rng-rank{self.rank}", capture_rng())
+        save_state(directory, f"rng-rank{self.rank}.safetensors", capture_rng())
 
     def load(self, directory: str) -> dict[str, Any]:
         from posttrain.checkpoint import load_state, restore_rng
@@ -192,7 +192,7 @@ class Learner:
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {directory}/{DS_TAG}")
-        restore_rng(load_state(Path(directory), f"rng-rank{self.rank}"))
+        restore_rng(load_state(directory, f"rng-rank{self.rank}.safetensors"))
         return client_state
 
     def export(self, directory: str, merge_lora: bool) -> None:
