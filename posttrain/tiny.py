@@ -1,0 +1,237 @@
+"""Tiny random Qwen3 / Qwen3-VL models with a locally trained tokenizer, for tests and the CPU demo.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained on the synthetic tasks' text, the weights
+are random (seeded) and the folder is a normal Hugging Face checkpoint that transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.config import ModelConfig
+from posttrain.tasks import corpus
+
+# Ids 0..6 in this order; <think>/</think> are added last and, as in Qwen3, are not "special", so decoding
+# with skip_special_tokens keeps them and reasoning can be parsed from generated text.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+THINK_TOKENS = ["<think>", "</think>"]
+# Qwen2's pre-tokenizer regex: `\p{N}` alone splits every digit into its own piece (what arithmetic needs),
+# and `\s*[\r\n]+` keeps "\n\n" whole, so the template's "</think>\n\n" ends a piece in every context.
+PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+VOCAB_SIZE = 768  # a cap: the narrow corpus runs out of merges first (~380 tokens)
+IMAGE_PIXELS = 96 * 96  # min = max pixels: any square 64–128 px image becomes 96×96 → 9 image tokens
+
+# Qwen3-style: assistant turns always carry a think block (empty without reasoning); the assistant span
+# after "<|im_start|>assistant\n" through <|im_end|> is the {% generation %} block (the loss mask).
+CHAT_TEMPLATE = """\
+{%- macro render(content) -%}
+{%- if content is string -%}{{ content }}
+{%- else -%}{%- for part in content -%}
+{%- if part.type == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>
+{%- elif part.type == 'text' -%}{{ part.text }}
+{%- endif -%}{%- endfor -%}{%- endif -%}
+{%- endmacro -%}
+{%- for message in messages -%}
+{%- if message.role == 'assistant' -%}
+{{- '<|im_start|>assistant\\n' -}}
+{%- generation -%}
+{{- '<think>\\n' + (message.reasoning_content or '') | trim + '\\n</think>\\n\\n' + render(message.content) + '<|im_end|>' -}}
+{%- endgeneration -%}
+{{- '\\n' -}}
+{%- else -%}
+{{- '<|im_start|>' + message.role + '\\n' + render(message.content) + '<|im_end|>\\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|im_start|>assistant\\n' -}}
+{%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}
+{%- endif -%}"""
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "small": {
+        "hidden_size": 384,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+    },
+}
+VISION = {
+    "depth": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_heads": 2,
+    "num_position_embeddings": 256,
+}
+
+
+def _chat_pieces(seed: int) -> Iterator[str]:
+    """The text between special tokens of rendered task chats, so BPE also learns the template's newlines."""
+    yield from ("system\nYou are a helpful assistant.", "\n", "assistant\n")
+    for prompt, reasoning, answer in corpus(seed):
+        yield from (f"user\n{prompt}", f"\n{reasoning}\n", f"\n\n{answer}")
+
+
+def build_tokenizer(seed: int = 0) -> Any:
+    """Byte-level BPE with Qwen's pre-tokenizer, trained on the synthetic tasks and chat scaffolding."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(THINK_TOKENS),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_chat_pieces(seed), trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _text_config(tokenizer: Any, size: str) -> dict[str, Any]:
+    dims = SIZES[size]
+    return {
+        **dims,
+        "vocab_size": len(tokenizer),
+        "num_key_value_heads": 2,
+        "head_dim": 32 if size == "tiny" else 64,  # vLLM's CPU attention rejects head_dim 16
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,  # a separate lm_head keeps engine weight sync uniform
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
+
+
+def _model_config(tokenizer: Any, kind: str, size: str) -> Any:
+    from transformers import Qwen3Config, Qwen3VLConfig
+
+    text = _text_config(tokenizer, size)
+    if kind == "text":
+        return Qwen3Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    half = text["head_dim"] // 2  # mrope sections (t, h, w) split the rotary half of head_dim
+    section = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 5e6,
+        "mrope_section": section,
+        "mrope_interleaved": True,
+    }
+    ids = {
+        f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{name}|>")
+        for name in ("vision_start", "vision_end")
+    }
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config={
+            **VISION,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": text["hidden_size"],
+            "deepstack_visual_indexes": [0, 1],
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        tie_word_embeddings=False,
+        **ids,
+    )
+
+
+def build_processor(tokenizer: Any) -> Any:
+    """Qwen3-VL processor whose images become 96×96 (9 tokens) and videos stay a few frames small."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    patches = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}
+    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # as Qwen3-VL
+    image = Qwen2VLImageProcessor(
+        **patches, **norm, size={"shortest_edge": IMAGE_PIXELS, "longest_edge": IMAGE_PIXELS}
+    )
+    video = Qwen3VLVideoProcessor(
+        **patches, size={"shortest_edge": 2 * IMAGE_PIXELS, "longest_edge": 8 * IMAGE_PIXELS}, max_frames=8
+    )
+    return Qwen3VLProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=CHAT_TEMPLATE
+    )
+
+
+def _write(out: Path, kind: str, size: str, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+
+    tokenizer = build_tokenizer(seed)
+    config = _model_config(tokenizer, kind, size)
+    auto = AutoModelForCausalLM if kind == "text" else AutoModelForImageTextToText
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = auto.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+    )
+    model.save_pretrained(out)
+    (build_processor(tokenizer) if kind == "vl" else tokenizer).save_pretrained(out)
+
+
+def build_tiny_model(
+    out_dir: str | Path, kind: Literal["text", "vl"], size: Literal["tiny", "small"] = "tiny", seed: int = 0
+) -> Path:
+    """Write a complete random Qwen3 (`text`) or Qwen3-VL (`vl`) folder at `out_dir`, atomically."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared folder
+    try:
+        _write(tmp, kind, size, seed)
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():  # not a concurrent builder that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_model(model_cfg: ModelConfig) -> Path | str:
+    """A local model folder (built first if `model.tiny` asks for it), or the hub id unchanged."""
+    path = Path(model_cfg.path).expanduser()
+    if path.exists():
+        return path
+    if model_cfg.tiny is not None:
+        t = model_cfg.tiny
+        return build_tiny_model(path, t.kind, t.size, t.seed)
+    if model_cfg.path.startswith((".", "/", "~")) or path.parent != Path(".") and path.parent.exists():
+        raise FileNotFoundError(
+            f"model.path {model_cfg.path!r} does not exist; set model.tiny to build a tiny model there"
+        )
+    return model_cfg.path
