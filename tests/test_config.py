@@ -123,38 +123,27 @@ def test_help_is_fast() -> None:
     assert "sft" in out.stdout and "make-tiny-model" in out.stdout
 
 
+def dry_run(*overrides: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "posttrain",
+        "sft",
+        str(ROOT / "configs/tiny/sft.yaml"),
+        *overrides,
+        "--dry-run",
+    ]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
 def test_cli_reports_config_errors_cleanly() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "posttrain",
-            "sft",
-            str(ROOT / "configs/tiny/sft.yaml"),
-            "model.pth=x",
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = dry_run("model.pth=x")
     assert proc.returncode == 2
     assert "model.pth: unknown key; did you mean 'model.path'?" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_cli_dry_run_prints_resolved_config() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "posttrain",
-            "sft",
-            str(ROOT / "configs/tiny/sft.yaml"),
-            "train.lr=0.25",
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    proc = dry_run("train.lr=0.25")
+    assert proc.returncode == 0
     assert "lr: 0.25" in proc.stdout and "zero_stage: 0" in proc.stdout
