@@ -56,7 +56,9 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
 
     def logprobs(model: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
-            logits = model(input_ids=probe["input_ids"], position_ids=probe["position_ids"]).logits
+            logits = model(
+                input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False
+            ).logits
         return next_token_logprobs(logits, probe["input_ids"])
 
     base = AutoModelForCausalLM.from_pretrained(model_path)

@@ -31,11 +31,11 @@ def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def sft_config(out: Path, model: Path, data: Path, **changes: Any) -> dict[str, Any]:
+def sft_config(out: Path, model: Path, dataset: Path, **changes: Any) -> dict[str, Any]:
     raw = {
         "output_dir": str(out),
         "model": {"path": str(model)},
-        "data": {"train": [{"path": str(data), "split": "train"}], "max_length": 128},
+        "data": {"train": [{"path": str(dataset), "split": "train"}], "max_length": 128},
         "train": {
             "global_batch_size": 8,
             "micro_batch_size": 2,
