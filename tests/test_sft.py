@@ -31,10 +31,10 @@ def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def sft_config(out: Path, model: Path, dataset: Path, **changes: Any) -> dict[str, Any]:
+def sft_config(out: Path, model_dir: Path, dataset: Path, **changes: Any) -> dict[str, Any]:
     raw = {
         "output_dir": str(out),
-        "model": {"path": str(model)},
+        "model": {"path": str(model_dir)},
         "data": {"train": [{"path": str(dataset), "split": "train"}], "max_length": 128},
         "train": {
             "global_batch_size": 8,
@@ -76,6 +76,15 @@ def test_data_parallel_zero_stages_match_single_learner(
         assert len(split) == len(single) == 4
         assert max(abs(a - b) for a, b in zip(single, split, strict=True)) < 1e-5, (stage, single, split)
     assert single[-1] < single[0]
+
+
+def test_optimizer_offload_matches_adamw_and_bf16_trains(tmp_path: Path, tiny_text_model: Path, arithmetic: Path) -> None:
+    adamw = losses(run_sft(sft_config(tmp_path / "adamw", tiny_text_model, arithmetic)))
+    offload = {"learners": {"zero_stage": 2, "offload_optimizer": True}}
+    cpu_adam = losses(run_sft(sft_config(tmp_path / "offload", tiny_text_model, arithmetic, **offload)))
+    assert max(abs(a - b) for a, b in zip(adamw, cpu_adam, strict=True)) < 1e-4, (adamw, cpu_adam)
+    bf16 = losses(run_sft(sft_config(tmp_path / "bf16", tiny_text_model, arithmetic, model={"dtype": "bfloat16"})))
+    assert bf16[-1] < bf16[0] and abs(bf16[0] - adamw[0]) < 0.05
 
 
 def test_outputs_and_loadable_export(tmp_path: Path, tiny_text_model: Path, arithmetic: Path) -> None:
