@@ -97,7 +97,6 @@ class Learner:
         from posttrain.ds_checkpoint import SafeCheckpointEngine
 
         self.engine.checkpoint_engine = SafeCheckpointEngine()
-        self.is_vl = is_vl
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -116,6 +115,8 @@ class Learner:
         for batch in micro_batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             labels = batch.pop("labels")
+            # No KV cache: with one, transformers stops reading packed rows' position ids as sample
+            # boundaries and samples would attend to each other.
             logits = self.engine(**batch, use_cache=False).logits
             nll, _ = token_nll_sum(logits, labels)
             self.engine.backward(nll * scale)
