@@ -728,34 +728,6 @@ def build_eval_prompts(
     return prompts
 
 
-def _boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{…}` (balanced braces), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for j in range(begin, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return text[begin:j]
-            depth -= 1
-    return None
-
-
-def extract_answer(text: str) -> str:
-    """The answer part of a generation: after `</think>` if present; the `\\boxed{}` content if any."""
-    answer = text.rsplit("</think>", 1)[-1]
-    boxed = _boxed(answer)
-    return (boxed if boxed is not None else answer).strip()
-
-
-def exact_match(pred: str, solution: str) -> bool:
-    """Equal up to whitespace runs."""
-    return " ".join(pred.split()) == " ".join(str(solution).split())
-
-
 # ------------------------------------------------------------------------------------------------- models
 
 

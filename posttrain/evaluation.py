@@ -47,13 +47,13 @@ class EvalSet:
         ]
 
     def score(self, completions: list[list[int]]) -> dict[str, float]:
-        from posttrain.data import exact_match, extract_answer
+        from posttrain.rewards.builtin import exact_match
 
         hits: dict[str, list[bool]] = defaultdict(list)
         lengths, truncated = [], 0
         for prompt, ids in zip(self.prompts, completions, strict=True):
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            hit = exact_match(extract_answer(text), prompt.solution)
+            hit = exact_match([text], [prompt.solution], prompts=[prompt.prompt_text])[0] == 1.0
             hits["all"].append(hit)
             hits[prompt.mode].append(hit)
             lengths.append(len(ids))

@@ -17,8 +17,6 @@ from posttrain.data import (
     collate,
     count_loss_tokens,
     encode_sample,
-    exact_match,
-    extract_answer,
     load_processing,
     load_samples,
     load_split,
@@ -418,13 +416,6 @@ def test_eval_prompts(arithmetic: DatasetSpec, tok: Any, tmp_path: Path, proc: A
     pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert vl.prompt_ids.count(pad) == int(vl.vision["image_grid_thw"].prod()) // 4
     assert vl.prompt_text.count("<|image_pad|>") == 1 and len(vl.images) == 1 and vl.solution == "2"
-
-
-def test_extract_answer_and_exact_match() -> None:
-    assert extract_answer("<think>\nsum\n</think>\n\n 42 ") == "42"
-    assert extract_answer("reasoning</think>so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
-    assert extract_answer("plain 7") == "plain 7"
-    assert exact_match("1 2\n3", " 1 2 3") and not exact_match("12", "1 2")
 
 
 def test_num_proc_matches_serial(arithmetic: DatasetSpec, tok: Any) -> None:

@@ -78,12 +78,16 @@ def test_data_parallel_zero_stages_match_single_learner(
     assert single[-1] < single[0]
 
 
-def test_optimizer_offload_matches_adamw_and_bf16_trains(tmp_path: Path, tiny_text_model: Path, arithmetic: Path) -> None:
+def test_optimizer_offload_matches_adamw_and_bf16_trains(
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+) -> None:
     adamw = losses(run_sft(sft_config(tmp_path / "adamw", tiny_text_model, arithmetic)))
     offload = {"learners": {"zero_stage": 2, "offload_optimizer": True}}
     cpu_adam = losses(run_sft(sft_config(tmp_path / "offload", tiny_text_model, arithmetic, **offload)))
     assert max(abs(a - b) for a, b in zip(adamw, cpu_adam, strict=True)) < 1e-4, (adamw, cpu_adam)
-    bf16 = losses(run_sft(sft_config(tmp_path / "bf16", tiny_text_model, arithmetic, model={"dtype": "bfloat16"})))
+    bf16 = losses(
+        run_sft(sft_config(tmp_path / "bf16", tiny_text_model, arithmetic, model={"dtype": "bfloat16"}))
+    )
     assert bf16[-1] < bf16[0] and abs(bf16[0] - adamw[0]) < 0.05
 
 

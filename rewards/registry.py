@@ -1,0 +1,263 @@
+"""Finding reward functions by name and calling them in the TRL or verl convention.
+
+Four ways to name a reward: a built-in registered with `@reward`, an entry point in the group
+`posttrain.rewards`, `module:function`, or `path/to/file.py:function`. The TRL signature is native:
+`f(completions, **kwargs) -> list[float | None]` with `prompts`, `completion_ids` and every dataset column
+as keyword arguments; a verl `compute_score(data_source, solution_str, ground_truth, extra_info)` runs
+per sample through an adapter. Both may be `async`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+ENTRY_POINT_GROUP = "posttrain.rewards"
+FORMS = "'module:function' or 'path/to/file.py:function'"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RewardLoadError(ValueError):
+    """A reward could not be found or its plugin could not be imported."""
+
+
+@dataclass(frozen=True)
+class Builtin:
+    fn: Callable[..., Any]
+    warmup: Callable[[], None] | None = None
+    """Run once per worker process before its first timed call (imports, caches)."""
+
+
+_BUILTINS: dict[str, Builtin] = {}
+
+
+def reward(name: str, *, warmup: Callable[[], None] | None = None) -> Callable[[F], F]:
+    """Register a built-in reward under `name`."""
+
+    def register(fn: F) -> F:
+        if name in _BUILTINS:
+            raise ValueError(f"built-in reward {name!r} is registered twice")
+        _BUILTINS[name] = Builtin(fn, warmup)
+        return fn
+
+    return register
+
+
+def builtins() -> dict[str, Builtin]:
+    import posttrain.rewards.builtin  # noqa: F401  (registers on import)
+
+    return dict(_BUILTINS)
+
+
+def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_rewards() -> list[str]:
+    """Built-in and installed (entry-point) reward names."""
+    return sorted({*builtins(), *entry_points()})
+
+
+def _is_file(target: str) -> bool:
+    return target.endswith(".py") or "/" in target
+
+
+def absolute_name(name: str) -> str:
+    """`name` with a plugin file's path made absolute (for processes that may run elsewhere)."""
+    target, _, attr = name.rpartition(":")
+    return f"{Path(target).resolve()}:{attr}" if target and _is_file(target) else name
+
+
+def load_object(ref: str) -> Any:
+    """The object named by 'module:attr' or 'path/to/file.py:attr'."""
+    target, sep, attr = ref.rpartition(":")
+    if not sep or not target or not attr:
+        raise RewardLoadError(f"{ref!r} is not of the form {FORMS}")
+    module = _import_file(Path(target)) if _is_file(target) else _import_module(target)
+    if not hasattr(module, attr):
+        raise RewardLoadError(f"reward plugin {target} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _import_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except Exception as err:
+        raise RewardLoadError(
+            f"reward plugin module {name!r} failed to import: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _import_file(path: Path) -> Any:
+    path = path.resolve()
+    if not path.is_file():
+        raise RewardLoadError(f"reward plugin file {path} does not exist")
+    # One module per file path, registered before running it so pickling and dataclasses work inside.
+    name = f"posttrain_reward_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as err:
+        del sys.modules[name]
+        raise RewardLoadError(
+            f"reward plugin file {path} failed to import: {type(err).__name__}: {err}"
+        ) from err
+    return module
+
+
+def resolve_reward(name: str) -> Callable[..., Any]:
+    """The function behind a reward name in any of the four forms."""
+    fn = _resolve(name)
+    if not callable(fn):
+        raise RewardLoadError(f"reward {name!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _resolve(name: str) -> Any:
+    if ":" in name:
+        return load_object(name)
+    known = builtins()
+    if name in known:
+        return known[name].fn
+    installed = entry_points()
+    if name in installed:
+        try:
+            return installed[name].load()
+        except Exception as err:
+            raise RewardLoadError(
+                f"reward entry point {name!r} ({installed[name].value}) failed to load: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    raise RewardLoadError(
+        f"unknown reward {name!r}. Built-in: {', '.join(sorted(known))}. "
+        f"Installed (entry-point group {ENTRY_POINT_GROUP!r}): {', '.join(sorted(installed)) or 'none'}. "
+        f"A plugin is named as {FORMS}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- calling
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a reward sees: the completions and, aligned with them, prompts, token ids and columns."""
+
+    completions: list[str]
+    prompts: list[str]
+    completion_ids: list[list[int]]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def subset(self, indices: list[int]) -> Batch:
+        return Batch(
+            [self.completions[i] for i in indices],
+            [self.prompts[i] for i in indices],
+            [self.completion_ids[i] for i in indices],
+            {k: [v[i] for i in indices] for k, v in self.columns.items()},
+        )
+
+
+@dataclass(frozen=True)
+class LoadedReward:
+    fn: Callable[..., Any]
+    kind: Literal["trl", "verl"]
+    params: dict[str, Any]
+    ground_truth: str
+    accepted: frozenset[str] | None
+    """Keyword arguments the function takes; None when it takes **kwargs."""
+    warmup: Callable[[], None] | None
+
+
+def load_reward(
+    name: str,
+    kind: Literal["auto", "trl", "verl"] = "auto",
+    params: dict[str, Any] | None = None,
+    ground_truth: str = "solution",
+) -> LoadedReward:
+    """Resolve `name` and fix its calling convention (`auto` detects verl by its parameter names)."""
+    fn = resolve_reward(name)
+    signature = inspect.signature(fn)
+    names = set(signature.parameters)
+    if kind == "auto":
+        kind = "verl" if {"solution_str", "ground_truth"} <= names else "trl"
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    builtin = _BUILTINS.get(name)
+    accepted = None if takes_any else frozenset(names)
+    return LoadedReward(
+        fn, kind, dict(params or {}), ground_truth, accepted, builtin.warmup if builtin else None
+    )
+
+
+def call_reward(reward: LoadedReward, batch: Batch) -> list[Any]:
+    """Raw per-sample outputs of `reward` on `batch` (validated by the caller); plugin errors propagate."""
+    if reward.kind == "verl":
+        return _call_verl(reward, batch)
+    kwargs = {
+        **batch.columns,
+        **reward.params,
+        "prompts": batch.prompts,
+        "completion_ids": batch.completion_ids,
+    }
+    out = reward.fn(completions=batch.completions, **_accepted(reward, kwargs))
+    return _run(out) if inspect.isawaitable(out) else out
+
+
+def _call_verl(reward: LoadedReward, batch: Batch) -> list[Any]:
+    if reward.ground_truth not in batch.columns:
+        raise ValueError(
+            f"verl-style reward needs the ground-truth column {reward.ground_truth!r}; "
+            f"columns are {sorted(batch.columns)} (set `ground_truth` in the reward spec)"
+        )
+    outs = []
+    for i, completion in enumerate(batch.completions):
+        row = {k: v[i] for k, v in batch.columns.items()}
+        kwargs = {
+            "data_source": row.get("data_source"),
+            "solution_str": completion,
+            "ground_truth": row[reward.ground_truth],
+            "extra_info": row.get("extra_info", row),  # verl datasets carry one; else the whole row
+            **reward.params,
+        }
+        outs.append(reward.fn(**_accepted(reward, kwargs)))
+    if any(inspect.isawaitable(o) for o in outs):
+        outs = _run(_gather(outs))
+    # verl allows a dict result whose "score" is the reward (the rest are extra metrics).
+    return [o["score"] if isinstance(o, dict) and "score" in o else o for o in outs]
+
+
+def _accepted(reward: LoadedReward, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop keyword arguments a function without **kwargs would reject (e.g. unused columns)."""
+    if reward.accepted is None:
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in reward.accepted}
+
+
+def _run(awaitable: Awaitable[Any]) -> Any:
+    async def wait() -> Any:
+        return await awaitable
+
+    return asyncio.run(wait())
+
+
+async def _gather(items: list[Any]) -> list[Any]:
+    async def one(item: Any) -> Any:
+        return await item if inspect.isawaitable(item) else item
+
+    return list(await asyncio.gather(*map(one, items)))
