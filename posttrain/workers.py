@@ -19,12 +19,14 @@ CALL_TIMEOUT_S = 3600.0
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join `address` (or the cluster `ray job submit` runs us in), else start a local one on 127.0.0.1."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _loopback_only()
     import ray
 
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": _ds_accelerator()}}
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
@@ -36,6 +38,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+
+
+def _loopback_only() -> None:
+    """Make a local Ray cluster listen on 127.0.0.1 only. Ray replaces a loopback `_node_ip_address` by
+    the machine's routable address and then listens on every interface; its single-machine mode (the
+    switch it uses on macOS / Windows) keeps every server on loopback. Set for this process and, through
+    the environment, for every Ray process it starts."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; covers a Ray imported before us
 
 
 def _ds_accelerator() -> str:
