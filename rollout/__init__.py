@@ -1,1 +1,50 @@
-"""posttrain.rollout"""
+"""posttrain.rollout: vLLM rollout engines on Ray, thinking budgets, versioned learner -> engine weight sync.
+
+    engines = RolloutGroup(model_path, num_engines=2, gpu_memory_utilization=0.3, max_model_len=1024)
+    results = engines.generate([RolloutRequest(prompt_ids, n=4, max_tokens=64, seed=0)])
+    sync_from_learners(learners, engines, version=1, probe_ids=probe)   # raises WeightSyncError
+
+See engine.py (generation, reload path in vLLM 0.32) and weight_sync.py (buckets, checks, metric).
+"""
+
+from posttrain.rollout.engine import (
+    RolloutEngine,
+    RolloutGroup,
+    RolloutRequest,
+    RolloutResult,
+    RolloutSample,
+    split_evenly,
+)
+from posttrain.rollout.weight_sync import (
+    Bucket,
+    Probe,
+    SyncManifest,
+    WeightSyncError,
+    iter_buckets,
+    learner_weight_buckets,
+    logprob_mismatch,
+    module_state_buckets,
+    put_buckets,
+    sync_from_learners,
+    tensor_checksum,
+)
+
+__all__ = [
+    "Bucket",
+    "Probe",
+    "RolloutEngine",
+    "RolloutGroup",
+    "RolloutRequest",
+    "RolloutResult",
+    "RolloutSample",
+    "SyncManifest",
+    "WeightSyncError",
+    "iter_buckets",
+    "learner_weight_buckets",
+    "logprob_mismatch",
+    "module_state_buckets",
+    "put_buckets",
+    "split_evenly",
+    "sync_from_learners",
+    "tensor_checksum",
+]
