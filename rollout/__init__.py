@@ -3,6 +3,7 @@
     engines = RolloutGroup(model_path, num_engines=2, gpu_memory_utilization=0.3, max_model_len=1024)
     results = engines.generate([RolloutRequest(prompt_ids, n=4, max_tokens=64, seed=0)])
     sync_from_learners(learners, engines, version=1, probe_ids=probe)   # raises WeightSyncError
+    logprob_mismatch([s.logprobs for s in samples], learner_logprobs)  # {"mean_abs", "max_abs", "tokens"}
 
 See engine.py (generation, reload path in vLLM 0.32) and weight_sync.py (buckets, checks, metric).
 """
@@ -21,11 +22,15 @@ from posttrain.rollout.weight_sync import (
     SyncManifest,
     WeightSyncError,
     iter_buckets,
+    learner_probe,
+    learner_stream_buckets,
     learner_weight_buckets,
     logprob_mismatch,
     module_state_buckets,
     put_buckets,
+    stream_sync_from_learners,
     sync_from_learners,
+    sync_lora_from_learners,
     tensor_checksum,
 )
 
@@ -40,11 +45,15 @@ __all__ = [
     "SyncManifest",
     "WeightSyncError",
     "iter_buckets",
+    "learner_probe",
+    "learner_stream_buckets",
     "learner_weight_buckets",
     "logprob_mismatch",
     "module_state_buckets",
     "put_buckets",
     "split_evenly",
     "sync_from_learners",
+    "stream_sync_from_learners",
+    "sync_lora_from_learners",
     "tensor_checksum",
 ]

@@ -1,0 +1,663 @@
+"""vLLM rollout engines: one in-process `vllm.LLM` per Ray actor, token ids in, token ids out.
+
+`RolloutEngine` is the actor class (also usable as a plain object in one process); `RolloutGroup` starts N
+of them through `posttrain.workers.WorkerGroup`, splits requests across them and gathers results in order.
+
+With tensor_parallel_size 1 (CPU or GPU) the engine runs in the actor's own process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor backend "uni"): it loads in seconds on CPU and weight updates
+reach the model runner without serialisation. The reload path in vLLM 0.32:
+
+    LLM.collective_rpc(fn, args=(bucket_refs,))       # entrypoints/llm.py
+      -> LLMEngine -> InprocClient -> EngineCore -> UniProcExecutor.collective_rpc
+      -> fn(worker, bucket_refs)                     # worker: CPUWorker (a gpu_worker.Worker)
+      -> worker.reload_weights(weights_iterator=...) # sets the vllm config, then
+      -> GPUModelRunner.reload_weights               # layerwise in-place reload + cache resets
+
+(CPU linear layers keep their weights packed for oneDNN and drop `layer.weight`, so the engine cannot
+checksum its own parameters: it checksums what it received, and a logprob probe proves what it serves.)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.rollout.weight_sync import (
+    Bucket,
+    Probe,
+    SyncManifest,
+    WeightSyncError,
+    tensor_checksum,
+)
+
+THINK_END_TEXT = "</think>\n\n"
+BUCKET_FETCH_TIMEOUT_S = 600.0
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt (token ids, as the caller's chat template rendered them) and how to sample it."""
+
+    prompt_token_ids: list[int]
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off (vLLM 0.32)
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    logprobs: int | None = 0  # None: none; 0: the sampled token's only; k: also the top k
+    prompt_logprobs: int | None = None  # None: none; 0: each prompt token's; k: also the top k
+    images: list[Any] | None = None  # PIL images for a VL prompt (its ids hold one image pad per image)
+    thinking_budget: int | None = None  # close the think block after this many generated tokens
+    ignore_eos: bool = False
+
+
+@dataclass
+class RolloutSample:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # of each sampled token (0.0 where `forced`), raw fp32 log_softmax
+    finish_reason: str  # "stop" | "length"
+    top_logprobs: list[dict[int, float]] | None = None
+    forced: list[int] = field(default_factory=list)  # positions the engine inserted (not sampled)
+    thinking_tokens: int | None = None  # generated tokens before the think block closed
+
+
+@dataclass
+class RolloutResult:
+    prompt_token_ids: list[int]
+    samples: list[RolloutSample]
+    prompt_logprobs: list[float | None] | None = None  # first is None (no context)
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    weight_version: int = 0
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class RolloutEngine:
+    """A vLLM engine serving one copy of the policy; a Ray actor (or a plain object)."""
+
+    def __init__(self, model_path: str, options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """`options` (a dict, as Ray actors get positional init args) and `kwargs`: see `_setup`."""
+        self._setup(model_path, **{**(options or {}), **kwargs})
+
+    def _setup(
+        self,
+        model_path: str,
+        *,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int = 2048,
+        tensor_parallel_size: int = 1,
+        dtype: str | None = None,
+        seed: int = 0,
+        max_logprobs: int = 20,
+        enforce_eager: bool | None = None,
+        limit_images: int | None = None,
+        enable_lora: bool = False,
+        max_lora_rank: int = 16,
+        think_end_ids: list[int] | None = None,
+        name: str = "rollout",
+        extra_llm_args: dict[str, Any] | None = None,
+    ) -> None:
+        t0 = time.perf_counter()  # load_seconds includes importing vLLM
+        gpu = _on_gpu()
+        in_process = tensor_parallel_size == 1
+        if in_process:
+            # Must precede the first vllm import: EngineCore and its one worker live in this process,
+            # so weight buckets reach the model runner without serialisation.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import json
+        from pathlib import Path
+
+        from vllm import LLM
+
+        self.name = f"{name}-{os.environ.get('RANK', '0')}"
+        self.model_path = model_path
+        args: dict[str, Any] = {
+            "model": model_path,
+            "seed": seed,
+            "max_model_len": max_model_len,
+            "max_logprobs": max_logprobs,
+            "logprobs_mode": "raw_logprobs",
+            "tensor_parallel_size": tensor_parallel_size,
+            "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
+            "gpu_memory_utilization": gpu_memory_utilization or (0.9 if gpu else 0.3),
+        }
+        if dtype or not gpu:
+            args["dtype"] = dtype or "float32"
+        # TP > 1: Ray workers (they can fetch the buckets from the object store themselves); untested here.
+        args["distributed_executor_backend"] = "uni" if in_process else "ray"
+        config_file = Path(model_path) / "config.json"
+        if config_file.is_file():
+            self.is_vl = "vision_config" in json.loads(config_file.read_text())
+        else:  # a hub id: VL when the caller sets an image limit
+            self.is_vl = limit_images is not None
+        if self.is_vl:
+            args["limit_mm_per_prompt"] = {"image": limit_images or 4, "video": 0}
+        if enable_lora:
+            args.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        args.update(extra_llm_args or {})
+        self.llm = LLM(**args)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.think_end_ids = think_end_ids or list(
+            self.tokenizer.encode(THINK_END_TEXT, add_special_tokens=False)
+        )
+        self.version = 0
+        self.dirty: str | None = None  # why the served weights are unknown (a failed sync), else None
+        self._received: tuple[int, list[tuple[dict[str, float], int]]] | None = None  # deferred checks
+        self.lora: Any = None  # LoRARequest of the current adapter version
+        self.load_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------ info
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "dirty": self.dirty,
+            "load_seconds": self.load_seconds,
+            "is_vl": self.is_vl,
+            "think_end_ids": self.think_end_ids,
+        }
+
+    # ------------------------------------------------------------------------------------ generation
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[RolloutResult]:
+        """Sample every request; results in request order, samples in index order. Refused after a
+        failed weight sync (the weights are then unknown) until a sync succeeds."""
+        if self.dirty:
+            raise RuntimeError(f"engine {self.name} will not generate: {self.dirty}; sync weights again")
+        if not requests:
+            return []
+        plain = [i for i, r in enumerate(requests) if r.thinking_budget is None]
+        budgeted = [i for i, r in enumerate(requests) if r.thinking_budget is not None]
+        results: list[RolloutResult | None] = [None] * len(requests)
+        if plain:
+            outs = self._run([_prompt(requests[i]) for i in plain], [_params(requests[i]) for i in plain])
+            for i, out in zip(plain, outs, strict=True):
+                results[i] = self._result(requests[i], out)
+        if budgeted:
+            for i, res in zip(
+                budgeted, self._generate_budgeted([requests[i] for i in budgeted]), strict=True
+            ):
+                results[i] = res
+        return [r for r in results if r is not None]
+
+    def prompt_logprobs(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
+        """Log-probabilities of tokens 1..T-1 of each sequence given its prefix (the learner's
+        `token_logprobs` layout), from one prefill each."""
+        reqs = [
+            RolloutRequest(list(ids), max_tokens=1, logprobs=None, prompt_logprobs=0) for ids in token_ids
+        ]
+        outs = self.generate(reqs)
+        return [[float(x) for x in (r.prompt_logprobs or [])[1:] if x is not None] for r in outs]
+
+    def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
+        kwargs: dict[str, Any] = {"use_tqdm": False}
+        if self.lora is not None:
+            kwargs["lora_request"] = self.lora
+        return list(self.llm.generate(prompts, params, **kwargs))
+
+    def _result(self, req: RolloutRequest, out: Any) -> RolloutResult:
+        samples = [_sample(req, c) for c in sorted(out.outputs, key=lambda c: c.index)]
+        plp, ptop = None, None
+        if out.prompt_logprobs is not None:
+            ids = out.prompt_token_ids
+            plp = [
+                None if d is None else float(d[t].logprob)
+                for d, t in zip(out.prompt_logprobs, ids, strict=True)
+            ]
+            if req.prompt_logprobs:
+                ptop = [
+                    None if d is None else {k: float(v.logprob) for k, v in d.items()}
+                    for d in out.prompt_logprobs
+                ]
+        return RolloutResult(list(out.prompt_token_ids), samples, plp, ptop, self.version)
+
+    def _generate_budgeted(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        """Two phases: sample up to `thinking_budget` tokens; samples that used the budget without
+        emitting `</think>` get `</think>\\n\\n` appended and continue (one request per sample)."""
+        end_id = self.think_end_ids[0]
+        phase1 = []
+        for r in requests:
+            assert r.thinking_budget is not None
+            phase1.append(_with(r, max_tokens=max(1, min(r.thinking_budget, r.max_tokens))))
+        outs = self._run([_prompt(r) for r in phase1], [_params(r) for r in phase1])
+        results = [self._result(r, o) for r, o in zip(phase1, outs, strict=True)]
+        cont: list[tuple[RolloutSample, RolloutRequest]] = []
+        for req, res in zip(requests, results, strict=True):
+            for k, s in enumerate(res.samples):
+                if end_id in s.token_ids:
+                    s.thinking_tokens = s.token_ids.index(end_id) + 1
+                if s.finish_reason == "stop":
+                    continue
+                left = req.max_tokens - len(s.token_ids)
+                if end_id not in s.token_ids:  # budget spent inside the think block: close it
+                    s.thinking_tokens = len(s.token_ids)
+                    s.forced.extend(range(len(s.token_ids), len(s.token_ids) + len(self.think_end_ids)))
+                    s.token_ids.extend(self.think_end_ids)
+                    s.logprobs.extend([0.0] * len(self.think_end_ids))
+                    if s.top_logprobs is not None:
+                        s.top_logprobs.extend({} for _ in self.think_end_ids)
+                    left -= len(self.think_end_ids)
+                if left <= 0:
+                    continue
+                seed = None if req.seed is None else req.seed * 1000003 + k + 1
+                nxt = _with(
+                    req,
+                    prompt_token_ids=list(req.prompt_token_ids) + s.token_ids,
+                    n=1,
+                    max_tokens=left,
+                    seed=seed,
+                )
+                nxt.prompt_logprobs = None
+                cont.append((s, nxt))
+        if cont:
+            outs2 = self._run([_prompt(r) for _, r in cont], [_params(r) for _, r in cont])
+            for (s, r), o in zip(cont, outs2, strict=True):
+                more = _sample(r, o.outputs[0])
+                s.token_ids.extend(more.token_ids)
+                s.logprobs.extend(more.logprobs)
+                if s.top_logprobs is not None and more.top_logprobs is not None:
+                    s.top_logprobs.extend(more.top_logprobs)
+                s.finish_reason = more.finish_reason
+        for res in results:
+            for s in res.samples:
+                s.text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+        return results
+
+    # ---------------------------------------------------------------------------------- weight sync
+
+    def update_weights(
+        self,
+        version: int,
+        buckets: Any,
+        manifest: SyncManifest | None = None,
+        probe: Probe | None = None,
+        defer_checks: bool = False,
+    ) -> dict[str, Any]:
+        """Load a full state (HF names) streamed bucket by bucket into the running engine, then prove it.
+
+        `buckets`: Ray ObjectRefs of buckets (fetched one at a time while vLLM loads) or buckets
+        themselves. With a `manifest` the received tensors' checksums must equal the sender's; with a
+        `probe` the engine's logprobs of a fixed sequence must match the sender's. Either failing raises
+        WeightSyncError naming this engine and `version` (and the version stays the old one).
+        `buckets` may also be a `ray.util.queue.Queue` the learner fills while this engine loads (see
+        `weight_sync.stream_sync_from_learners`); with `defer_checks` the engine loads, keeps the
+        received checksums and refuses to generate until `verify` passes."""
+        t0 = time.perf_counter()
+        try:
+            source = list(buckets) if isinstance(buckets, (list, tuple)) else buckets
+            per_worker = self.llm.collective_rpc(_reload_from_buckets, args=(source,))
+            self.llm.reset_prefix_cache()
+        except Exception as e:
+            raise self._failed(version, f"reload failed: {type(e).__name__}: {e}") from e
+        seen, nbytes = per_worker[0]  # every TP worker streams the full tensors and keeps its shard
+        load_s = time.perf_counter() - t0
+        if defer_checks:
+            self._received = (version, per_worker)
+            self.dirty = (
+                f"sync to version {version} loaded but not verified (last good version {self.version})"
+            )
+            return {"name": self.name, "version": version, "bytes": nbytes, "load_seconds": load_s}
+        if manifest is not None:
+            for rank, (got, _) in enumerate(per_worker):
+                problem = manifest.compare(got)
+                if problem:
+                    raise self._failed(
+                        version, problem if len(per_worker) == 1 else f"TP worker {rank}: {problem}"
+                    )
+        probe_err = None
+        if probe is not None:
+            self.dirty = None  # the probe itself generates
+            try:
+                probe_err = self._check_probe(version, probe)
+            except WeightSyncError as e:
+                raise self._failed(version, e.reason) from None
+        self.version, self.dirty = version, None
+        return {
+            "name": self.name,
+            "version": version,
+            "checksum": sum(seen.values()),
+            "tensors": len(seen),
+            "bytes": nbytes,
+            "load_seconds": load_s,
+            "seconds": time.perf_counter() - t0,
+            "probe_max_abs": probe_err,
+        }
+
+    def verify(self, version: int, manifest: SyncManifest | None, probe: Probe | None) -> dict[str, Any]:
+        """Finish a `defer_checks` update: the received checksums against the (now complete) manifest,
+        then the probe; only then does the engine serve `version`."""
+        received = self._received
+        if received is None or received[0] != version:
+            raise self._failed(version, "verify without a loaded update of this version")
+        per_worker = received[1]
+        if manifest is not None:
+            for rank, (got, _) in enumerate(per_worker):
+                problem = manifest.compare(got)
+                if problem:
+                    raise self._failed(
+                        version, problem if len(per_worker) == 1 else f"TP worker {rank}: {problem}"
+                    )
+        probe_err = None
+        if probe is not None:
+            self.dirty = None
+            try:
+                probe_err = self._check_probe(version, probe)
+            except WeightSyncError as e:
+                raise self._failed(version, e.reason) from None
+        self.version, self.dirty, self._received = version, None, None
+        seen, nbytes = per_worker[0]
+        return {
+            "name": self.name,
+            "version": version,
+            "checksum": sum(seen.values()),
+            "tensors": len(seen),
+            "bytes": nbytes,
+            "probe_max_abs": probe_err,
+        }
+
+    def _failed(self, version: int, reason: str) -> WeightSyncError:
+        """The weights were (partly) overwritten: refuse to generate until a sync succeeds."""
+        self.dirty = f"sync to version {version} failed (last good version {self.version})"
+        return WeightSyncError(version, self.name, reason)
+
+    def _check_probe(self, version: int, probe: Probe) -> float:
+        got = self.prompt_logprobs([probe.token_ids])[0]
+        if len(got) != len(probe.expected):
+            raise WeightSyncError(version, self.name, f"probe length {len(got)} != {len(probe.expected)}")
+        err = max((abs(a - b) for a, b in zip(got, probe.expected, strict=True)), default=0.0)
+        if not err <= probe.atol:  # also catches NaN
+            raise WeightSyncError(
+                version, self.name, f"probe logprobs differ by {err:.3g} (> {probe.atol:g}) from the sender's"
+            )
+        return err
+
+    def load_lora(self, version: int, adapter_dir: str, probe: Probe | None = None) -> dict[str, Any]:
+        """Serve the PEFT adapter in `adapter_dir` (a new folder per version: vLLM caches adapters by id)
+        on top of the base weights. With a `probe`, the adapter's logprobs must match the sender's, else
+        the previous adapter is restored and WeightSyncError raised."""
+        from vllm.lora.request import LoRARequest
+
+        t0 = time.perf_counter()
+        previous = self.lora
+        self.lora = LoRARequest(f"policy-v{version}", version + 1, adapter_dir)
+        try:
+            err = self._check_probe(version, probe) if probe is not None else None
+        except WeightSyncError:
+            self.lora = previous
+            raise
+        except Exception as e:
+            self.lora = previous
+            raise WeightSyncError(version, self.name, f"adapter load failed: {type(e).__name__}: {e}") from e
+        self.version = version
+        return {
+            "name": self.name,
+            "version": version,
+            "seconds": time.perf_counter() - t0,
+            "probe_max_abs": err,
+        }
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _bucket_source(buckets: Any) -> Iterator[Any]:
+    """A list of buckets / ObjectRefs, or a `ray.util.queue.Queue` a learner is filling: items are
+    `[ref]` (a list, so Ray does not resolve the ref into the queue actor), `None` ends the stream."""
+    if isinstance(buckets, (list, tuple)):
+        yield from buckets
+        return
+    while True:
+        item = buckets.get(block=True, timeout=BUCKET_FETCH_TIMEOUT_S)
+        if item is None:
+            return
+        yield item[0]
+
+
+def _reload_from_buckets(worker: Any, buckets: Any) -> tuple[dict[str, float], int]:
+    """Runs on each vLLM worker (`LLM.collective_rpc`): stream the buckets, fetching one Ray object at a
+    time, into `Worker.reload_weights` -> `GPUModelRunner.reload_weights` (vLLM's layerwise in-place
+    reload; it also resets LoRA/encoder/multimodal caches). One reload call sees every tensor, so fused
+    layers (qkv, gate_up) are always complete. `model.load_weights` directly works once but fails the
+    second time on CPU ('Parameter' object has no attribute 'weight_loader'), hence this path.
+    Returns the received tensors' checksums and byte count."""
+    seen: dict[str, float] = {}
+    nbytes = 0
+
+    def stream() -> Iterator[tuple[str, Any]]:
+        nonlocal nbytes
+        for b in _bucket_source(buckets):
+            bucket: Bucket = _resolve(b)
+            for name, tensor in bucket:
+                seen[name] = tensor_checksum(tensor)
+                nbytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+            del bucket
+
+    worker.reload_weights(weights_iterator=stream())
+    return seen, nbytes
+
+
+def _resolve(b: Any) -> Any:
+    import ray
+
+    if not isinstance(b, ray.ObjectRef):
+        return b
+    try:  # an engine never waits forever on a bucket whose owner (the learner) died
+        return ray.get(b, timeout=BUCKET_FETCH_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"weight bucket not available within {BUCKET_FETCH_TIMEOUT_S:.0f} s") from None
+
+
+def _with(r: RolloutRequest, **changes: Any) -> RolloutRequest:
+    from dataclasses import replace
+
+    return replace(r, **changes)
+
+
+def _prompt(r: RolloutRequest) -> dict[str, Any]:
+    p: dict[str, Any] = {"prompt_token_ids": list(r.prompt_token_ids)}
+    if r.images:
+        p["multi_modal_data"] = {"image": r.images if len(r.images) > 1 else r.images[0]}
+    return p
+
+
+def _params(r: RolloutRequest) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=r.n,
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        stop_token_ids=r.stop_token_ids,
+        seed=r.seed,
+        logprobs=r.logprobs,
+        prompt_logprobs=r.prompt_logprobs,
+        ignore_eos=r.ignore_eos,
+        skip_special_tokens=True,
+    )
+
+
+def _sample(req: RolloutRequest, c: Any) -> RolloutSample:
+    ids = list(c.token_ids)
+    lps: list[float] = []
+    top: list[dict[int, float]] | None = None
+    if c.logprobs is not None:
+        lps = [float(d[t].logprob) for d, t in zip(c.logprobs, ids, strict=True)]
+        if req.logprobs:
+            top = [{k: float(v.logprob) for k, v in d.items()} for d in c.logprobs]
+    reason = "length" if c.finish_reason == "length" else "stop"
+    return RolloutSample(ids, c.text, lps, reason, top)
+
+
+# ------------------------------------------------------------------------------------------ the group
+
+
+class RolloutGroup:
+    """N RolloutEngine actors (one placement-group bundle each); requests split in contiguous chunks."""
+
+    def __init__(
+        self,
+        model_path: str,
+        num_engines: int = 1,
+        *,
+        num_cpus: float = 1,
+        num_gpus: float | None = None,
+        name: str = "rollout",
+        sync_timeout_s: float = 600.0,
+        ray_address: str | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        from posttrain.workers import WorkerGroup, init_ray
+
+        gpu = _on_gpu()
+        init_ray(ray_address, num_cpus=int(num_engines * num_cpus + 0.999))
+        tp = int(engine_kwargs.get("tensor_parallel_size", 1))
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {}
+        t0 = time.perf_counter()
+        self.workers = WorkerGroup(
+            RolloutEngine,
+            num_engines,
+            num_cpus=num_cpus,
+            num_gpus=(tp if num_gpus is None else num_gpus) if gpu else 0,
+            name=name,
+            init_args=(model_path, {**engine_kwargs, "name": name}),
+            env=env,
+        )
+        self.infos = self.workers.call("info")
+        self.start_seconds = time.perf_counter() - t0
+        self.sync_timeout_s = sync_timeout_s
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[RolloutResult]:
+        """Results in request order; requests split over the engines in contiguous, even chunks."""
+        return self.collect(self.submit(requests))
+
+    def submit(self, requests: Sequence[RolloutRequest]) -> list[Any]:
+        """Start generation and return at once (ObjectRefs, one per engine) so the caller can overlap
+        other work, e.g. scoring the previous batch; `collect` waits for them."""
+        reqs = list(requests)
+        chunks = split_evenly(reqs, len(self.workers), [r.n * r.max_tokens for r in reqs])
+        return [a.generate.remote(c) for a, c in zip(self.workers.actors, chunks, strict=True)]
+
+    def collect(self, refs: list[Any]) -> list[RolloutResult]:
+        parts = self.workers._gather(refs)
+        return [r for part in parts for r in part]
+
+    def update_weights(
+        self,
+        version: int,
+        buckets: Iterable[Any],
+        manifest: SyncManifest | None = None,
+        probe: Probe | None = None,
+    ) -> list[dict[str, Any]]:
+        """Push one weight version to every engine. `buckets`: ObjectRefs, or buckets (put into the
+        object store here, once, and read by all engines). Any engine failing its checks, dying or not
+        answering within `sync_timeout_s` raises WeightSyncError naming the version and the engine."""
+        import ray
+
+        refs = [b if isinstance(b, ray.ObjectRef) else ray.put(b) for b in buckets]
+        calls = [a.update_weights.remote(version, refs, manifest, probe) for a in self.workers.actors]
+        reports = self._gather_sync(version, calls)
+        self.version = version
+        return reports
+
+    def start_streamed_update(self, version: int, queues: Sequence[Any]) -> list[Any]:
+        """Engines start loading `version` from one queue each (filled by the learners); returns the
+        pending calls for `finish_streamed_update`."""
+        return [
+            a.update_weights.remote(version, q, None, None, True)
+            for a, q in zip(self.workers.actors, queues, strict=True)
+        ]
+
+    def finish_streamed_update(
+        self, version: int, pending: list[Any], manifest: SyncManifest | None, probe: Probe | None = None
+    ) -> list[dict[str, Any]]:
+        self._gather_sync(version, pending)
+        reports = self._gather_sync(
+            version, [a.verify.remote(version, manifest, probe) for a in self.workers.actors]
+        )
+        self.version = version
+        return reports
+
+    def load_lora(self, version: int, adapter_dir: str, probe: Probe | None = None) -> list[dict[str, Any]]:
+        """Adapter-only sync: every engine serves the PEFT adapter folder `adapter_dir` (write a new folder
+        per version) from now on; errors and timeouts raise WeightSyncError as in `update_weights`."""
+        calls = [a.load_lora.remote(version, adapter_dir, probe) for a in self.workers.actors]
+        reports = self._gather_sync(version, calls)
+        self.version = version
+        return reports
+
+    def _gather_sync(self, version: int, calls: list[Any]) -> list[dict[str, Any]]:
+        import ray
+
+        names = [f"{self.workers.name}-{i}" for i in range(len(calls))]
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=self.sync_timeout_s)
+        done = set(ready)
+        reports: list[dict[str, Any]] = []
+        errors: list[WeightSyncError] = []
+        for name, ref in zip(names, calls, strict=True):
+            if ref not in done:
+                errors.append(WeightSyncError(version, name, f"no answer within {self.sync_timeout_s:.0f} s"))
+                continue
+            try:  # every finished call is read, so no engine's error goes unreported
+                reports.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if isinstance(cause, WeightSyncError):
+                    errors.append(WeightSyncError(cause.version, cause.engine, cause.reason))
+                else:
+                    errors.append(WeightSyncError(version, name, f"{type(e).__name__}: {e}"))
+            except ray.exceptions.RayActorError as e:
+                errors.append(WeightSyncError(version, name, f"engine died: {e}"))
+        if errors:
+            first = errors[0]
+            if len(errors) > 1:
+                others = ", ".join(e.engine for e in errors[1:])
+                raise WeightSyncError(first.version, first.engine, f"{first.reason} (also failed: {others})")
+            raise first
+        return reports
+
+    def prompt_logprobs(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
+        return self.workers.call("prompt_logprobs", list(token_ids))[0]
+
+    def info(self) -> list[dict[str, Any]]:
+        return self.workers.call("info")
+
+    def shutdown(self) -> None:
+        self.workers.shutdown()
+
+
+def split_evenly(items: list[Any], parts: int, weights: Sequence[float] | None = None) -> list[list[Any]]:
+    """Contiguous chunks: without `weights`, sizes differ by at most one (earlier chunks larger); with
+    them, chunk k ends where the running weight first reaches k/parts of the total."""
+    if weights is None or len(set(weights)) <= 1:
+        q, r = divmod(len(items), parts)
+        out, start = [], 0
+        for i in range(parts):
+            end = start + q + (1 if i < r else 0)
+            out.append(items[start:end])
+            start = end
+        return out
+    total, running, bounds = float(sum(weights)), 0.0, [0]
+    for i, w in enumerate(weights):
+        running += w
+        while len(bounds) < parts and running >= total * len(bounds) / parts:
+            bounds.append(i + 1)
+    bounds += [len(items)] * (parts + 1 - len(bounds))
+    return [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]

@@ -1,0 +1,345 @@
+"""Learner -> rollout-engine weight sync: buckets, checksums, probes, and the logprob mismatch metric.
+
+The learner side turns its (possibly ZeRO-3 partitioned) module into buckets of whole tensors with HF
+names, each about `bucket_mb` (a larger tensor is a bucket of its own; q/k/v and gate/up stay together),
+gathering one bucket's parameters at a time. On CPU the buckets travel through the Ray object store; the
+engine streams them into vLLM's in-place reload in one pass and checksums each tensor it received.
+
+    sync_from_learners(learners, engines, version, bucket_mb, probe_ids)          # all buckets put, then load
+    stream_sync_from_learners(learners, engines, version, bucket_mb, max_inflight) # pipelined, bounded
+    sync_lora_from_learners(learners, engines, version, root, probe_ids)          # adapter only
+
+Each ends with every engine proving the version: received checksums == the learner's manifest, and the
+engine's prompt logprobs of `probe_ids` == the learners' `token_logprobs` (atol 1e-4); any failure or
+timeout raises WeightSyncError(version, engine, reason), and an engine whose weights were touched by a
+failed sync refuses to generate until a sync succeeds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+STREAM_PUT_TIMEOUT_S = 600.0
+"""A learner never blocks forever on an engine's full queue (a dead engine surfaces as an error)."""
+
+Bucket = list[tuple[str, Any]]
+"""A list of (HF parameter name, CPU tensor)."""
+
+
+class WeightSyncError(RuntimeError):
+    """An engine did not end up serving weight `version`: bad checksum, probe mismatch, error, timeout."""
+
+    def __init__(self, version: int, engine: str, reason: str) -> None:
+        super().__init__(f"weight sync to version {version} failed on engine {engine}: {reason}")
+        self.version, self.engine, self.reason = version, engine, reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WeightSyncError, (self.version, self.engine, self.reason))
+
+
+def tensor_checksum(t: Any, chunk: int = 1 << 22) -> float:
+    """Float64 sum of a tensor's elements plus a position-weighted sum (so swapped or offsetting
+    changes within the tensor show too), in chunks so large tensors need little extra memory."""
+    import torch
+
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    total = 0.0
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk].to(torch.float64)
+        w = torch.arange(start + 1, start + part.numel() + 1, dtype=torch.float64, device=part.device) / n
+        total += float(part.sum() + (part * w).sum())
+    return total
+
+
+@dataclass
+class SyncManifest:
+    """What the sender shipped: per tensor name, its checksum (and the total bytes)."""
+
+    checksums: dict[str, float] = field(default_factory=dict)
+    nbytes: int = 0
+    rel_tol: float = 1e-9
+
+    def add(self, name: str, tensor: Any) -> None:
+        self.checksums[name] = tensor_checksum(tensor)
+        self.nbytes += tensor.numel() * tensor.element_size()
+
+    @property
+    def checksum(self) -> float:
+        return sum(self.checksums.values())
+
+    def compare(self, received: dict[str, float]) -> str | None:
+        """None when `received` (name -> checksum) matches, else a description of the first problems."""
+        missing = sorted(set(self.checksums) - set(received))
+        extra = sorted(set(received) - set(self.checksums))
+        bad = [
+            n
+            for n, c in self.checksums.items()
+            if n in received and not math.isclose(c, received[n], rel_tol=self.rel_tol, abs_tol=1e-9)
+        ]
+        if not (missing or extra or bad):
+            return None
+        parts = []
+        if bad:
+            n = bad[0]
+            parts.append(
+                f"checksum mismatch on {len(bad)} tensor(s), e.g. {n}: {received[n]!r} != {self.checksums[n]!r}"
+            )
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if extra:
+            parts.append(f"unexpected {extra[:3]}")
+        return "; ".join(parts)
+
+
+@dataclass
+class Probe:
+    """A fixed token sequence and the sender's log-probabilities of tokens 1..T-1 given their prefix."""
+
+    token_ids: list[int]
+    expected: list[float]
+    atol: float = 1e-4
+
+
+# ------------------------------------------------------------------------------------ the sender side
+
+
+def _param_groups(names: list[str]) -> list[list[int]]:
+    """Indices grouped by parent-of-parent module (q/k/v or gate/up projections land in one group, as vLLM
+    fuses them): a bucket boundary never splits a group."""
+    groups: list[list[int]] = []
+    last = None
+    for i, n in enumerate(names):
+        key = n.rsplit(".", 2)[0]
+        if key != last:
+            groups.append([])
+            last = key
+        groups[-1].append(i)
+    return groups
+
+
+def iter_buckets(named_tensors: Iterable[tuple[str, Any]], bucket_mb: float = 64) -> Iterator[Bucket]:
+    """Chunk (name, tensor) pairs into buckets of about `bucket_mb` MB (CPU copies, detached)."""
+    limit = bucket_mb * 2**20
+    bucket: Bucket = []
+    size = 0
+    for name, t in named_tensors:
+        t = t.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _hf_name(name: str) -> str:
+    """A PEFT-wrapped or DeepSpeed-wrapped name back to the plain HF one."""
+    for prefix in ("module.", "base_model.model."):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name.replace(".base_layer.", ".")
+
+
+def module_state_buckets(module: Any, bucket_mb: float = 64, gather: bool | None = None) -> Iterator[Bucket]:
+    """The full state of a DeepSpeed engine's module (or any torch module) as buckets of CPU tensors with
+    HF names. Under ZeRO-3 (`gather`, default: detected from `ds_id` on the parameters) each bucket's
+    parameters are gathered with `deepspeed.zero.GatheredParameters` and released before the next, so
+    peak memory is one bucket, not the model. Every rank must iterate it (the gathers are collective).
+
+    Tied parameters are listed under each name (vLLM needs `lm_head.weight` with tied embeddings). A
+    PEFT-wrapped module is refused (see `sync_lora_from_learners`).
+    """
+    import torch
+
+    named = list(module.named_parameters(remove_duplicate=False))
+    if any(".lora_" in n for n, _ in named):
+        raise ValueError(
+            "module has LoRA adapters: sync the adapter with sync_lora_from_learners (engines with "
+            "enable_lora=True), or merge it first; base weights alone would serve the wrong policy"
+        )
+    if gather is None:
+        gather = any(hasattr(p, "ds_id") for _, p in named)
+    names = [_hf_name(n) for n, _ in named]
+    limit = bucket_mb * 2**20
+    current: list[int] = []
+    size = 0
+
+    def numel(p: Any) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    def emit(idx: list[int]) -> Bucket:
+        params = [named[i][1] for i in idx]
+        if gather:
+            import deepspeed
+
+            ctx: Any = deepspeed.zero.GatheredParameters(params, enabled=True)
+        else:
+            import contextlib
+
+            ctx = contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            return [(names[i], named[i][1].detach().to("cpu", copy=True).contiguous()) for i in idx]
+
+    for group in _param_groups(names):
+        gbytes = sum(numel(named[i][1]) * named[i][1].element_size() for i in group)
+        if current and size + gbytes > limit:
+            yield emit(current)
+            current, size = [], 0
+        current.extend(group)
+        size += gbytes
+    if current:
+        yield emit(current)
+
+
+def put_buckets(buckets: Iterable[Bucket], manifest: SyncManifest | None = None) -> list[Any]:
+    """Put each bucket into the Ray object store (adding its tensors to `manifest`); return the refs."""
+    import ray
+
+    refs = []
+    for b in buckets:
+        if manifest is not None:
+            for name, t in b:
+                manifest.add(name, t)
+        refs.append(ray.put(b))
+    return refs
+
+
+def learner_weight_buckets(learner: Any, bucket_mb: float = 64) -> tuple[list[Any], SyncManifest] | None:
+    """Run inside every learner actor (`learners.run(learner_weight_buckets, mb)`): all ranks take part in
+    the ZeRO-3 gathers, rank 0 puts the buckets into the object store and returns (refs, manifest)."""
+    zero3 = learner.cfg.learners.zero_stage == 3
+    manifest = SyncManifest()
+    refs = []
+    for bucket in module_state_buckets(learner.engine.module, bucket_mb, gather=zero3):
+        if learner.rank == 0:
+            refs.extend(put_buckets([bucket], manifest))
+    return (refs, manifest) if learner.rank == 0 else None
+
+
+def sync_from_learners(
+    learners: Any,
+    engines: Any,
+    version: int,
+    bucket_mb: float = 64,
+    probe_ids: list[int] | None = None,
+    atol: float = 1e-4,
+) -> list[dict[str, Any]]:
+    """Learner group -> RolloutGroup: buckets through the object store, checksums checked on every
+    engine, and (with `probe_ids`) engine logprobs of that sequence checked against the learners'
+    `token_logprobs`. Returns the engines' reports."""
+    out = learners.run(learner_weight_buckets, bucket_mb)
+    refs, manifest = next(o for o in out if o is not None)
+    probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
+    return engines.update_weights(version, refs, manifest, probe)
+
+
+def learner_stream_buckets(learner: Any, queues: list[Any], bucket_mb: float = 64) -> SyncManifest | None:
+    """Run inside every learner actor: rank 0 puts each bucket into the object store and its ref into
+    every engine's queue as soon as it is gathered (a full queue blocks: at most `maxsize` buckets per
+    engine in flight), then `None`; returns the manifest (rank 0)."""
+    import ray
+
+    zero3 = learner.cfg.learners.zero_stage == 3
+    manifest = SyncManifest()
+    for bucket in module_state_buckets(learner.engine.module, bucket_mb, gather=zero3):
+        if learner.rank == 0:
+            for name, t in bucket:
+                manifest.add(name, t)
+            ref = ray.put(bucket)
+            del bucket
+            for q in queues:
+                q.put([ref], block=True, timeout=STREAM_PUT_TIMEOUT_S)
+    if learner.rank != 0:
+        return None
+    for q in queues:
+        q.put(None, block=True, timeout=STREAM_PUT_TIMEOUT_S)
+    return manifest
+
+
+def stream_sync_from_learners(
+    learners: Any,
+    engines: Any,
+    version: int,
+    bucket_mb: float = 64,
+    max_inflight: int = 2,
+    probe_ids: list[int] | None = None,
+    atol: float = 1e-4,
+) -> list[dict[str, Any]]:
+    """Pipelined variant of `sync_from_learners`: engines load bucket k while the learners gather bucket
+    k+1, with at most `max_inflight` buckets queued per engine (bounded object-store use instead of a
+    full copy of the model). Checksums and the probe are checked once the manifest is complete; until
+    then the engines refuse to generate."""
+    from ray.util.queue import Queue
+
+    queues = [Queue(maxsize=max_inflight, actor_options={"num_cpus": 0}) for _ in range(len(engines))]
+    try:
+        pending = engines.start_streamed_update(version, queues)
+        out = learners.run(learner_stream_buckets, queues, bucket_mb)
+        manifest = next(o for o in out if o is not None)
+        probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
+        return engines.finish_streamed_update(version, pending, manifest, probe)
+    finally:
+        for q in queues:
+            q.shutdown(force=True)
+
+
+def learner_probe(learners: Any, probe_ids: list[int], atol: float = 1e-4) -> Probe:
+    """A Probe whose expected logprobs are the learners' `token_logprobs` of `probe_ids` (all ranks run
+    the forward, as ZeRO-3 needs)."""
+    import torch
+
+    ids = torch.tensor([probe_ids])
+    lp = learners.call("token_logprobs", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+    return Probe(list(probe_ids), [float(x) for x in lp[0]], atol)
+
+
+def sync_lora_from_learners(
+    learners: Any,
+    engines: Any,
+    version: int,
+    root: str,
+    probe_ids: list[int] | None = None,
+    atol: float = 1e-4,
+) -> list[dict[str, Any]]:
+    """Adapter-only sync for LoRA learners: the learners export the PEFT adapter to `root/v{version}`
+    (a shared filesystem; the folder name makes vLLM load it afresh), engines started with
+    `enable_lora=True` switch to it and (with `probe_ids`) prove their logprobs equal the learners'."""
+    import os
+
+    path = os.path.join(root, f"v{version}")
+    learners.call("export", path, False)
+    probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
+    return engines.load_lora(version, path, probe)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def logprob_mismatch(
+    engine_logprobs: Sequence[Sequence[float]] | Sequence[float],
+    learner_logprobs: Sequence[Sequence[float]] | Sequence[float],
+    mask: Sequence[Sequence[bool]] | Sequence[bool] | None = None,
+) -> dict[str, float]:
+    """Mean and max |engine - learner| over the tokens (flattened over samples; `mask` False skips a
+    token, e.g. one the engine forced). Ragged per-sample lists are fine; their lengths must agree."""
+
+    def flat(x: Any) -> list[Any]:
+        x = x.tolist() if hasattr(x, "tolist") else list(x)
+        x = [v.tolist() if hasattr(v, "tolist") else v for v in x]
+        return [v for row in x for v in row] if x and isinstance(x[0], (list, tuple)) else x
+
+    a, b = flat(engine_logprobs), flat(learner_logprobs)
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} engine logprobs vs {len(b)} learner logprobs")
+    m = flat(mask) if mask is not None else [True] * len(a)
+    if len(m) != len(a):
+        raise ValueError(f"mask has {len(m)} entries for {len(a)} tokens")
+    diffs = [abs(float(x) - float(y)) for x, y, keep in zip(a, b, m, strict=True) if keep]
+    if not diffs:
+        return {"mean_abs": 0.0, "max_abs": 0.0, "tokens": 0.0}
+    return {"mean_abs": sum(diffs) / len(diffs), "max_abs": max(diffs), "tokens": float(len(diffs))}
