@@ -206,7 +206,9 @@ def test_math_accuracy_from_every_ray_actor_kind() -> None:
     """A normal actor, a threaded one (calls on pool threads) and an async one (calls on its event loop)."""
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    from posttrain.workers import init_ray
+
+    init_ray(num_cpus=2)  # joins the session's cluster when an earlier test started one
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
     try:
         plain = ray.remote(PlainActor).options(num_cpus=0).remote()
@@ -214,6 +216,7 @@ def test_math_accuracy_from_every_ray_actor_kind() -> None:
         asynchronous = ray.remote(AsyncActor).options(num_cpus=0, max_concurrency=4).remote()
         refs = [plain.score.remote()] + [a.score.remote() for a in (threaded, asynchronous) for _ in range(3)]
         assert ray.get(refs, timeout=120) == [[1.0, 1.0, 0.0, 1.0]] * 7
+        for actor in (plain, threaded, asynchronous):
+            ray.kill(actor)
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        ray.shutdown()
