@@ -139,7 +139,7 @@ def test_resume_after_kill_is_bit_exact(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while not (broken / "checkpoints" / "step-00000004").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before its 4th step checkpoint"
         time.sleep(0.05)
