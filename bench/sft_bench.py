@@ -291,6 +291,10 @@ def report(results: list[Result], ratio: float) -> None:
     print(f"ratio posttrain/TRL tokens/s = {ratio:.2f}×")
 
 
+def load_1m() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def main() -> None:
     import torch
 
@@ -299,17 +303,18 @@ def main() -> None:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)  # TRL's threads; posttrain's learner sets the same from cpus_per_learner
     model, data = prepare(args.out, args.size)
-    load = {"before": os.getloadavg()[0]}
+    load = {"before": load_1m()}
     trl, check = run_trl(args, model, data)
-    load["between"] = os.getloadavg()[0]
+    load["between"] = load_1m()
     ours = run_posttrain(args, model, data, threads)
-    load["after"] = os.getloadavg()[0]
+    load["after"] = load_1m()
     ratio = ours.tokens_per_s / trl.tokens_per_s
 
     print(
         f"\nSFT bench: {args.size} model, {args.steps} steps ({WARMUP_STEPS} untimed), global batch "
         f"{args.global_batch}, micro {args.micro_batch}, max_length {args.max_length}, "
-        f"packing {'on' if args.packing else 'off'}, {threads} threads, load avg {load}"
+        f"packing {'on' if args.packing else 'off'}, {threads} threads; 1-min load average before/between/after "
+        f"{load['before']}/{load['between']}/{load['after']} (the run itself adds ~{threads})"
     )
     print(
         f"token check ({check['rows']} rows): ids equal {check['ids_equal']}, labels equal "
