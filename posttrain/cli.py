@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _stage_parser(sub, "sft", "supervised fine-tuning (thinking and non-thinking formats, LoRA or full)")
+    _stage_parser(sub, "rl", "reinforcement learning with verifiable rewards (GRPO, DAPO, GSPO, SAPO, ...)")
     tiny = sub.add_parser("make-tiny-model", help="build a tiny random Qwen3 / Qwen3-VL with its tokenizer")
     tiny.add_argument("dir")
     tiny.add_argument("--kind", choices=["text", "vl"], default="text")
@@ -61,9 +62,9 @@ def run_command(args: argparse.Namespace) -> None:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return
-        from posttrain.sft.driver import run
+        import importlib
 
-        run(cfg)
+        importlib.import_module(f"posttrain.{args.command}.driver").run(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,4 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # named run failures: WeightSyncError, RewardPluginError, RolloutError, ...
+        print(f"posttrain {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -113,21 +113,15 @@ class DataConfig(Strict):
     """Processes for tokenisation."""
 
 
-class TrainConfig(Strict):
-    global_batch_size: int = Field(32, ge=1)
-    """Samples (or packed rows) per optimizer step, across all learners."""
-    micro_batch_size: int = Field(8, ge=1)
-    """Samples (or packed rows) per forward/backward on one learner."""
-    max_steps: int | None = Field(None, ge=1)
-    """Stop after this many optimizer steps (default: `epochs` over the data)."""
-    epochs: float = Field(1.0, gt=0)
-    """Passes over the training data when `max_steps` is not set."""
+class OptimConfig(Strict):
+    """AdamW and its learning-rate schedule, shared by every training stage."""
+
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     """Decay after warmup."""
     warmup_steps: int = Field(0, ge=0)
-    """Linear warmup steps."""
+    """Linear warmup (optimizer steps)."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Final learning rate as a fraction of `lr`."""
     weight_decay: float = Field(0.0, ge=0)
@@ -137,7 +131,18 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm (None: no clipping)."""
     seed: int = 0
-    """Seed for data order, initialisation of adapters and dropout."""
+    """Seed for data order, sampling, initialisation of adapters and dropout."""
+
+
+class TrainConfig(OptimConfig):
+    global_batch_size: int = Field(32, ge=1)
+    """Samples (or packed rows) per optimizer step, across all learners."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Samples (or packed rows) per forward/backward on one learner."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (default: `epochs` over the data)."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data when `max_steps` is not set."""
 
 
 class LearnerConfig(Strict):
@@ -193,39 +198,66 @@ class RayConfig(Strict):
     """CPUs for a local cluster (default: what the job needs, at least the machine's count)."""
 
 
-class SFTConfig(Strict):
+class TrainingStage(Strict):
+    """What every stage that trains on DeepSpeed learners has; subclasses add data and `train`."""
+
+    stage: ClassVar[str]
     output_dir: str
     """Run folder: config.yaml, metrics.jsonl, checkpoints/, final/."""
     model: ModelConfig
-    data: DataConfig
-    train: TrainConfig = TrainConfig()
+    train: OptimConfig = OptimConfig()
     learners: LearnerConfig = LearnerConfig()
-    eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
 
+    @property
+    def optimizer_batch(self) -> tuple[int, int, str]:
+        """(samples per optimizer step across learners, samples per micro-batch, the key that sets the
+        former) — what the DeepSpeed batch geometry is derived from."""
+        raise NotImplementedError
+
+    @property
+    def grad_accum_steps(self) -> int:
+        per_step, micro, _ = self.optimizer_batch
+        return per_step // (micro * self.learners.num_learners)
+
     @model_validator(mode="after")
-    def _batch_sizes_divide(self) -> SFTConfig:
-        t, n = self.train, self.learners.num_learners
-        per_round = t.micro_batch_size * n
-        if t.global_batch_size % per_round:
+    def _batch_sizes_divide(self) -> TrainingStage:
+        per_step, micro, key = self.optimizer_batch
+        n = self.learners.num_learners
+        per_round = micro * n
+        if per_step % per_round:
             raise ValueError(
-                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size × learners.num_learners ({t.micro_batch_size} × {n} = {per_round}); "
-                f"e.g. set train.global_batch_size={max(per_round, t.global_batch_size // per_round * per_round)}"
+                f"{key} ({per_step}) must be a multiple of train.micro_batch_size × learners.num_learners "
+                f"({micro} × {n} = {per_round}); e.g. set {key}={max(per_round, per_step // per_round * per_round)}"
             )
         if self.model.lora and self.learners.zero_stage == 3:
             raise ValueError("model.lora with learners.zero_stage=3 is not supported; use zero_stage 0-2")
         return self
 
+
+class SFTConfig(TrainingStage):
+    stage = "sft"
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
     @property
-    def grad_accum_steps(self) -> int:
-        t = self.train
-        return t.global_batch_size // (t.micro_batch_size * self.learners.num_learners)
+    def optimizer_batch(self) -> tuple[int, int, str]:
+        return self.train.global_batch_size, self.train.micro_batch_size, "train.global_batch_size"
 
 
-STAGES: dict[str, type[Strict]] = {"sft": SFTConfig}
+STAGES: dict[str, str] = {"sft": "posttrain.config:SFTConfig", "rl": "posttrain.rl.config:RLConfig"}
+"""Stage name -> its config class, imported on use (stage configs live beside their drivers)."""
+
+
+def stage_model(stage: str) -> type[TrainingStage]:
+    import importlib
+
+    module, _, name = STAGES[stage].partition(":")
+    model: type[TrainingStage] = getattr(importlib.import_module(module), name)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -306,7 +338,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
 
 
 def validate(stage: str, raw: dict[str, Any], source: str = "<dict>") -> Any:
-    model = STAGES[stage]
+    model = stage_model(stage)
     try:
         return model.model_validate(raw)
     except ValidationError as err:

@@ -332,8 +332,10 @@ def normalise_row(
     index: int,
     base_dir: Path | None = None,
     for_eval: bool = False,
+    require_solution: bool = True,
 ) -> Sample:
-    """Validate one row into a Sample; raises RowError. For eval the final assistant turn is removed."""
+    """Validate one row into a Sample; raises RowError. For eval (and RL prompts) the final assistant
+    turn is removed; `require_solution` insists on the `solution` column there."""
     messages = _row_messages(row, fmt, for_eval)
     has_reasoning = any(m.get("reasoning") for m in messages)
     column = "messages" if fmt == "messages" else "completion"
@@ -341,7 +343,7 @@ def normalise_row(
         messages = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         if not any(m["role"] == "user" for m in messages):
             raise RowError("messages" if fmt == "messages" else "prompt", "no user message to prompt with")
-        if row.get("solution") is None:
+        if require_solution and row.get("solution") is None:
             raise RowError("solution", "missing (eval rows need the answer to compare with)")
     elif not any(m["role"] == "assistant" for m in messages):
         raise RowError(column, "no assistant message")
@@ -358,7 +360,7 @@ def normalise_row(
 
 
 def load_samples(
-    spec: DatasetSpec, bad_rows: str = "error", for_eval: bool = False
+    spec: DatasetSpec, bad_rows: str = "error", for_eval: bool = False, require_solution: bool = True
 ) -> tuple[list[Sample], int, list[str]]:
     """Validate every row of `spec`: (samples, rows read, reasons of skipped rows)."""
     ds, origin = load_split(spec)
@@ -368,7 +370,7 @@ def load_samples(
     samples, reasons = [], []
     for i, row in enumerate(_undecoded_images(ds)):
         try:
-            samples.append(normalise_row(row, fmt, spec, origin, i, base_dir, for_eval))
+            samples.append(normalise_row(row, fmt, spec, origin, i, base_dir, for_eval, require_solution))
         except RowError as err:
             message = f"{origin} row {i}, column {err.column!r}: {err}"
             if bad_rows == "error":
@@ -704,13 +706,18 @@ class EvalPrompt:
 
 
 def build_eval_prompts(
-    spec: DatasetSpec, processing: Any, thinking: bool | None = None, max_samples: int | None = None
+    spec: DatasetSpec,
+    processing: Any,
+    thinking: bool | None = None,
+    max_samples: int | None = None,
+    require_solution: bool = True,
 ) -> list[EvalPrompt]:
-    """Generation prompts of the first `max_samples` rows; `thinking` None keeps the dataset's own choice."""
+    """Generation prompts of the first `max_samples` rows; `thinking` None keeps the dataset's own choice.
+    Also the RL prompt set (where a reward may not need `solution`)."""
     is_vl = hasattr(processing, "image_processor")
     if max_samples is not None:
         spec = spec.model_copy(update={"max_rows": min(max_samples, spec.max_rows or max_samples)})
-    samples, _, _ = load_samples(spec, for_eval=True)
+    samples, _, _ = load_samples(spec, for_eval=True, require_solution=require_solution)
     prompts = []
     for s in samples:
         if thinking is not None:
@@ -723,7 +730,7 @@ def build_eval_prompts(
             vision = {k: out[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in out}
         else:
             ids = tokenizer_of(processing)(text, add_special_tokens=False)["input_ids"]
-        solution = str(s.extra["solution"])
+        solution = str(s.extra.get("solution", ""))
         prompts.append(EvalPrompt(ids, text, solution, s.mode, s.row, s.images, vision, s.extra))
     return prompts
 

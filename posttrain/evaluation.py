@@ -1,4 +1,4 @@
-"""Held-out exact-match accuracy by greedy generation on the learners (HF generate)."""
+"""Held-out exact-match accuracy by greedy generation on the learners (HF generate) or the engines (vLLM)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,25 @@ class EvalSet:
         args = [(self._batches(shard), self.cfg.max_new_tokens, self.eos_id) for shard in shards]
         outputs = [ids for rank_out in learners.call_each("generate", args) for ids in rank_out]
         return self.score(outputs[: len(self.prompts)])
+
+    def evaluate_on_engines(self, engines: Any) -> dict[str, float]:
+        """Greedy generation on the rollout engines (RL: they serve the current weights), same scoring."""
+        from posttrain.rollout import RolloutRequest
+
+        tok = self.tokenizer
+        requests = [
+            RolloutRequest(
+                p.prompt_ids if not p.images else tok(p.prompt_text, add_special_tokens=False)["input_ids"],
+                max_tokens=self.cfg.max_new_tokens,
+                temperature=0.0,
+                stop_token_ids=[self.eos_id],
+                logprobs=None,
+                images=p.images or None,
+            )
+            for p in self.prompts
+        ]
+        results = engines.generate(requests)
+        return self.score([[i for i in r.samples[0].token_ids if i != self.eos_id] for r in results])
 
     def _batches(self, indices: list[int]) -> list[dict[str, Any]]:
         size = self.cfg.batch_size

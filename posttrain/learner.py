@@ -12,21 +12,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import SFTConfig
+from posttrain.config import TrainingStage, stage_model
 
 DS_TAG = "deepspeed"
 
 
-def deepspeed_config(cfg: SFTConfig) -> dict[str, Any]:
-    t, learners = cfg.train, cfg.learners
+def deepspeed_config(cfg: TrainingStage) -> dict[str, Any]:
+    learners = cfg.learners
+    per_step, micro, _ = cfg.optimizer_batch
     zero: dict[str, Any] = {"stage": learners.zero_stage}
     if learners.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_batch_size": per_step,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "gradient_clipping": t.grad_clip or 0.0,
+        "gradient_clipping": cfg.train.grad_clip or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "zero_allow_untested_optimizer": True,
@@ -34,7 +35,7 @@ def deepspeed_config(cfg: SFTConfig) -> dict[str, Any]:
     }
 
 
-def load_model(cfg: SFTConfig, model_path: str, is_vl: bool) -> Any:
+def load_model(cfg: TrainingStage, model_path: str, is_vl: bool) -> Any:
     """The HF model, with LoRA adapters or a frozen vision tower as configured."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -74,14 +75,16 @@ def vision_tower(model: Any) -> Any:
 class Learner:
     """A Ray actor. RANK / WORLD_SIZE / MASTER_* come from the WorkerGroup's environment."""
 
-    def __init__(self, cfg_dict: dict[str, Any], model_path: str, is_vl: bool, total_steps: int) -> None:
+    def __init__(
+        self, stage: str, cfg_dict: dict[str, Any], model_path: str, is_vl: bool, total_steps: int
+    ) -> None:
         import deepspeed
         import torch
 
         from posttrain.runs import quiet_libraries
 
         quiet_libraries()
-        self.cfg = cfg = SFTConfig.model_validate(cfg_dict)
+        self.cfg = cfg = stage_model(stage).model_validate(cfg_dict)
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.device = _pick_device(cfg.learners.device)
         torch.set_num_threads(max(1, int(cfg.learners.cpus_per_learner)))
@@ -129,19 +132,48 @@ class Learner:
             grad_norm = self.engine.get_global_grad_norm()
         return {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": float(grad_norm), "lr": lr}
 
-    def token_logprobs(self, batch: dict[str, Any]) -> Any:
-        """Log-probabilities of each next token under the current weights ([B, T-1], fp32, on CPU)."""
-        import torch
+    def policy_step(
+        self, micro_batches: list[dict[str, Any]], norms: dict[str, float], algo: dict[str, Any]
+    ) -> dict[str, float]:
+        """One optimizer step of the RL objective (posttrain.rl.objective) over this rank's micro-batches.
+        `norms` are the whole update's token and sequence counts, so the loss is aggregated over the global
+        batch however it is split; DeepSpeed's averaging over ranks and accumulation steps is undone as in
+        `train_step`. Returns summed statistics (the driver divides by the global counts)."""
+        from posttrain.rl.objective import rl_objective
 
-        from posttrain.losses import next_token_logprobs
+        assert len(micro_batches) == self.engine.gradient_accumulation_steps()
+        scale = self.world_size * len(micro_batches)
+        lr = float(self.engine.get_lr()[0])
+        sums: dict[str, float] = {}
+        grad_norm = None
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            inputs = {k: batch.pop(k) for k in list(batch) if k in MODEL_INPUTS}
+            logits = self.engine(**inputs, use_cache=False).logits
+            loss, stats = rl_objective(logits, inputs["input_ids"], batch, norms, algo)
+            self.engine.backward(loss * scale)
+            if self.engine.is_gradient_accumulation_boundary() and self.cfg.learners.zero_stage == 0:
+                grad_norm = _grad_norm(self.engine.module)
+            self.engine.step()
+            for key, value in [*stats.items(), ("loss", loss.detach())]:
+                merge = max if key.endswith("_max") else float.__add__
+                sums[key] = merge(sums[key], float(value)) if key in sums else float(value)
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        return {**sums, "grad_norm": float(grad_norm), "lr": lr}
+
+    def logprobs(self, batches: list[dict[str, Any]], base_model: bool = False) -> list[Any]:
+        """Per batch, log-probabilities of each next token under the current weights ([B, T-1], fp32, on
+        CPU); `base_model` disables the LoRA adapter (the reference policy of a LoRA run)."""
+        import contextlib
 
         module = self.engine.module
-        module.eval()
-        with torch.no_grad():
-            batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-            logits = self.engine(**batch, use_cache=False).logits
-        module.train()
-        return next_token_logprobs(logits, batch["input_ids"]).cpu()
+        adapter_off = module.disable_adapter() if base_model else contextlib.nullcontext()
+        with adapter_off:
+            return [_next_token_logprobs(self.engine, batch, self.device) for batch in batches]
+
+    def token_logprobs(self, batch: dict[str, Any]) -> Any:
+        return self.logprobs([batch])[0]
 
     # ---------------------------------------------------------------------------------------- generation
 
@@ -217,6 +249,39 @@ class Learner:
         return {"total": total, "trainable": trainable}
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+"""Batch keys the model's forward takes; the rest of an RL batch feeds the objective."""
+
+
+def _next_token_logprobs(model: Any, batch: dict[str, Any], device: str) -> Any:
+    import torch
+
+    from posttrain.losses import next_token_logprobs
+
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+        logits = model(**inputs, use_cache=False).logits
+    module.train(was_training)
+    return next_token_logprobs(logits, inputs["input_ids"]).cpu()
+
+
+class Reference:
+    """The frozen reference policy for RL's KL term: a Ray actor holding the starting model (no DeepSpeed,
+    no optimizer)."""
+
+    def __init__(self, stage: str, cfg_dict: dict[str, Any], model_path: str, is_vl: bool) -> None:
+        cfg = stage_model(stage).model_validate(cfg_dict)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"lora": None})})
+        self.device = _pick_device(cfg.learners.device)  # threads: OMP_NUM_THREADS from the WorkerGroup
+        self.model = load_model(cfg, model_path, is_vl).to(self.device).eval().requires_grad_(False)
+
+    def logprobs(self, batches: list[dict[str, Any]], base_model: bool = False) -> list[Any]:
+        return [_next_token_logprobs(self.model, batch, self.device) for batch in batches]
+
+
 def _pick_device(setting: str) -> str:
     import torch
 
@@ -225,7 +290,7 @@ def _pick_device(setting: str) -> str:
     return setting
 
 
-def _make_optimizer(cfg: SFTConfig, params: list[Any]) -> Any:
+def _make_optimizer(cfg: TrainingStage, params: list[Any]) -> Any:
     import torch
 
     t = cfg.train
@@ -236,7 +301,7 @@ def _make_optimizer(cfg: SFTConfig, params: list[Any]) -> Any:
     return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
 
-def _make_schedule(cfg: SFTConfig, optimizer: Any, total_steps: int) -> Any:
+def _make_schedule(cfg: TrainingStage, optimizer: Any, total_steps: int) -> Any:
     from functools import partial
 
     import torch

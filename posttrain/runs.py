@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import SFTConfig
+from posttrain.config import DatasetSpec, ModelConfig, TrainingStage
 
 log = logging.getLogger("posttrain")
 
@@ -22,19 +22,20 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def prepare_inputs(cfg: SFTConfig) -> str:
+def prepare_inputs(model_cfg: ModelConfig, datasets: list[DatasetSpec | None]) -> str:
     """Build the tiny model and synthetic datasets the config asks for when missing; return the model path."""
     from posttrain.tasks import ensure_dataset
     from posttrain.tiny import ensure_model
 
-    model = ensure_model(cfg.model)
+    model = ensure_model(model_cfg)
     model_path = str(model.resolve()) if isinstance(model, Path) else model
-    for spec in [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else [])]:
-        ensure_dataset(spec)
+    for spec in datasets:
+        if spec is not None:
+            ensure_dataset(spec)
     return model_path
 
 
-def start_learners(cfg: SFTConfig, model_path: str, is_vl: bool, total_steps: int) -> Any:
+def start_learners(cfg: TrainingStage, model_path: str, is_vl: bool, total_steps: int) -> Any:
     import torch
 
     from posttrain.learner import Learner
@@ -49,41 +50,57 @@ def start_learners(cfg: SFTConfig, model_path: str, is_vl: bool, total_steps: in
         num_cpus=lc.cpus_per_learner,
         num_gpus=lc.gpus_per_learner if on_gpu else 0,
         name="learner",
-        init_args=(cfg.model_dump(mode="json"), model_path, is_vl, total_steps),
+        init_args=(cfg.stage, cfg.model_dump(mode="json"), model_path, is_vl, total_steps),
     )
 
 
-def _layout(cfg: SFTConfig) -> dict[str, Any]:
+def _layout(cfg: TrainingStage) -> dict[str, Any]:
     """What a checkpoint's optimizer partitions depend on: resuming needs the same values."""
     return {"num_learners": cfg.learners.num_learners, "zero_stage": cfg.learners.zero_stage}
 
 
-def save_checkpoint(cfg: SFTConfig, learners: Any, out: Path, step: int) -> Path:
-    """Every rank writes into a temporary folder; it becomes `checkpoints/step-N` only once complete."""
+def save_checkpoint(
+    cfg: TrainingStage,
+    learners: Any,
+    out: Path,
+    step: int,
+    meta: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """Every rank writes into a temporary folder; it becomes `checkpoints/step-N` only once complete.
+    `meta` (JSON) and `files` (name -> text) carry the driver's own state."""
     from posttrain.checkpoint import begin_checkpoint, commit_checkpoint, prune_checkpoints
 
     root = out / "checkpoints"
     tmp = begin_checkpoint(root, step)
     learners.call("save", str(tmp), {"step": step})
-    path = commit_checkpoint(tmp, step, {"step": step, **_layout(cfg)})
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
+    path = commit_checkpoint(tmp, step, {"step": step, **_layout(cfg), **(meta or {})})
     prune_checkpoints(root, cfg.checkpoint.keep_last)
     return path
 
 
-def resume(cfg: SFTConfig, learners: Any, out: Path) -> int:
+def resume(cfg: TrainingStage, learners: Any, out: Path) -> int:
     """Load the checkpoint `checkpoint.resume` selects into the learners; return its step (0: fresh)."""
+    meta, _ = resume_meta(cfg, learners, out)
+    return int(meta["step"]) if meta else 0
+
+
+def resume_meta(cfg: TrainingStage, learners: Any, out: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """`resume`, returning the checkpoint's metadata and folder (None, None: a fresh start)."""
     from posttrain.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
     choice = cfg.checkpoint.resume
     if choice == "never":
-        return 0
+        return None, None
     if choice == "auto":
         path = latest_checkpoint(out / "checkpoints")
         if path is None:
-            return 0
+            return None, None
     else:
         path = Path(choice)
-    meta = verify_checkpoint(path)["meta"]
+    meta: dict[str, Any] = verify_checkpoint(path)["meta"]
     saved, now = {k: meta.get(k) for k in _layout(cfg)}, _layout(cfg)
     if saved != now:
         raise CheckpointError(
@@ -92,10 +109,10 @@ def resume(cfg: SFTConfig, learners: Any, out: Path) -> int:
         )
     learners.call("load", str(path))
     log.info("resumed from %s (step %d)", path, meta["step"])
-    return int(meta["step"])
+    return meta, path
 
 
-def export(cfg: SFTConfig, learners: Any, processing: Any, final: Path) -> Path:
+def export(cfg: TrainingStage, learners: Any, processing: Any, final: Path) -> Path:
     """`final/`: HF folder (or PEFT adapter) + tokenizer/processor with its chat template, written atomically."""
     import shutil
     import tempfile

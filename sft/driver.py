@@ -33,7 +33,7 @@ def run(cfg: SFTConfig) -> Path:
     out = Path(cfg.output_dir).resolve()  # actors may run in another working directory
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    model_path = runs.prepare_inputs(cfg)
+    model_path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path, cfg.model.trust_remote_code)
     data = build_sft_dataset(cfg.data, processing, is_vl)
     log.info("data: %s", data.stats)

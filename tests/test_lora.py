@@ -36,7 +36,7 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
             "logging": {"progress": False},
         },
     )
-    model_path = runs.prepare_inputs(cfg)
+    model_path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path)
     data = build_sft_dataset(cfg.data, processing, is_vl)
     probe = data.collate(list(range(4)))

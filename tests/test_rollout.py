@@ -292,7 +292,7 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
             "logging": {"progress": False},
         },
     )
-    model_path = runs.prepare_inputs(cfg)
+    model_path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path)
     data = build_sft_dataset(cfg.data, processing, is_vl)
     prompt = chat_ids(processing, "What is 5+6?")
@@ -409,7 +409,7 @@ def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path
             "logging": {"progress": False},
         },
     )
-    model_path = runs.prepare_inputs(cfg)
+    model_path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path)
     data = build_sft_dataset(cfg.data, processing, is_vl)
     prompt = chat_ids(processing, "What is 9+9?")

@@ -1,0 +1,75 @@
+"""The RL objective of one micro-batch: the pieces of rl/losses.py composed as `algorithm` configures.
+
+Pure (tensors in, loss and statistics out), so it is tested without DeepSpeed and the learner only adds
+backward and the optimizer step. Layout: `input_ids` [B, T]; every per-token tensor is [B, T-1], position
+t holding the prediction of token t+1 (`response_mask` is 1 where that token is a sampled response token
+that counts); `advantages` [B].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from posttrain.losses import next_token_logprobs
+from posttrain.rl.losses import (
+    aggregate,
+    entropy_from_logits,
+    importance_weights,
+    kl_divergence,
+    policy_loss,
+)
+
+
+def rl_objective(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    norms: dict[str, float],
+    algo: dict[str, Any],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss contribution of this micro-batch, summed statistics; keys ending in `_max` are maxima).
+
+    `batch`: response_mask, advantages, engine_logprobs, optional old_logprobs (absent: the current
+    weights are the old policy, so the first update is exactly on-policy) and ref_logprobs (KL in the
+    loss). `norms`: tokens, seqs and norm_length of the whole update (see losses.aggregate). `algo`:
+    AlgorithmConfig as a dict."""
+    mask = batch["response_mask"]
+    logp = next_token_logprobs(logits, input_ids)
+    old = batch.get("old_logprobs", logp.detach())
+    per_token, stats = policy_loss(
+        logp,
+        old,
+        batch["advantages"],
+        mask,
+        algo["policy_loss"],
+        clip_low=algo["clip_low"],
+        clip_high=algo["clip_high"],
+        tau_pos=algo["sapo_tau_pos"],
+        tau_neg=algo["sapo_tau_neg"],
+    )
+    engine = batch["engine_logprobs"]
+    gap = (old - engine).abs() * mask
+    stats = {**stats, "mismatch_sum": gap.sum(), "mismatch_max": gap.max()}
+    if algo.get("importance_sampling"):
+        weights, is_stats = importance_weights(old, engine, mask, **algo["importance_sampling"])
+        per_token = per_token * weights
+        stats |= {k: v for k, v in is_stats.items() if k != "tokens"}
+    if algo["kl_coef"] > 0 and not algo["kl_in_reward"]:
+        kl = kl_divergence(logp, batch["ref_logprobs"], algo["kl_estimator"])
+        per_token = per_token + algo["kl_coef"] * kl
+        stats["kl_sum"] = (kl.detach() * mask).sum()
+    entropy = entropy_from_logits(logits[:, :-1].float())
+    if algo["entropy_coef"] > 0:
+        per_token = per_token - algo["entropy_coef"] * entropy
+    stats["entropy_sum"] = (entropy.detach() * mask).sum()
+    loss = aggregate(
+        per_token,
+        mask,
+        algo["aggregation"],
+        num_tokens=norms["tokens"],
+        num_seqs=norms["seqs"],
+        norm_length=norms["norm_length"],
+    )
+    return loss, {k: v.detach() for k, v in stats.items()}
