@@ -29,7 +29,7 @@ class MetricsLog:
         self, out_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any], start_step: int, total_steps: int
     ):
         self.path = out_dir / "metrics.jsonl"
-        truncate_after(self.path, start_step)
+        truncate_after(self.path, start_step if start_step else -1)  # a fresh start keeps nothing
         self.file = self.path.open("a")
         self.tensorboard = self.wandb = self.bar = None
         if cfg.tensorboard:

@@ -128,7 +128,9 @@ def test_rl_config_errors_name_the_keys() -> None:
         "rewards": {"rewards": ["exact_match"]},
         "train": {"prompts_per_step": 6, "mini_batches": 4},
     }
-    with pytest.raises(ConfigError, match=r"train.prompts_per_step \(6\) must be a multiple of train.mini_batches"):
+    with pytest.raises(
+        ConfigError, match=r"train.prompts_per_step \(6\) must be a multiple of train.mini_batches"
+    ):
         validate("rl", raw)
     raw["train"] = {"prompts_per_step": 4, "micro_batch_size": 5}
     with pytest.raises(ConfigError, match=r"4 × 8 / 1 = 32 sequences per update.*\(5 × 1\)"):
