@@ -86,3 +86,36 @@ def test_rl_outputs_and_exact_resume_after_kill(
         assert [r[key] for r in again] == [r[key] for r in rows], key  # exact, not approximate
     wa, wb = _final_weights(whole), _final_weights(broken)
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_a_killed_engine_ends_the_run_with_a_named_error(
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+) -> None:
+    """SIGKILL the vLLM engine's actor process mid-run: the driver stops within a deadline with an error
+    naming the engine failure (never a hang), and writes no `final/`."""
+    import psutil
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(out, tiny_text_model, arithmetic, "train.max_steps=50"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "checkpoints" / "step-00000001").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before step 1"
+            time.sleep(0.05)
+        engines = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "RolloutEngine" in " ".join(p.info["cmdline"] or [])
+        ]
+        assert engines, "no engine actor process found"
+        for p in engines:
+            p.kill()
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "RolloutError" in stderr or "WeightSyncError" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr.split("posttrain rl: failed")[-1]
+    assert not (out / "final").exists()
