@@ -159,6 +159,21 @@ def exact_match(
     return out
 
 
+@reward("digit_match")
+def digit_match(completions: list[str], solution: list[str], **kwargs: Any) -> list[float | None]:
+    """Partial credit for a numeric answer: the share of digit places, aligned from the units digit, where
+    the answer (its `\\boxed{}` content if any) agrees with `solution`; places either number lacks count as
+    wrong. A dense verifiable signal next to `exact_match` for arithmetic (None: `solution` has no digits)."""
+    out: list[float | None] = []
+    for c, gold, p in zip(completions, solution, _prompts(kwargs, len(completions)), strict=True):
+        want = "".join(ch for ch in str(gold) if ch.isdigit())[::-1]
+        answer = answer_part(c, p)
+        got = "".join(ch for ch in (last_boxed(answer) or answer) if ch.isdigit())[::-1]
+        places = max(len(want), len(got))
+        out.append(sum(a == b for a, b in zip(want, got, strict=False)) / places if want else None)
+    return out
+
+
 @functools.lru_cache(maxsize=16)
 def _choice_patterns(letters: str) -> tuple[re.Pattern[str], ...]:
     # Each whitespace run sits between literals, so no pattern can backtrack quadratically.

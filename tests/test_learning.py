@@ -44,3 +44,22 @@ def test_tiny_vl_sft_learns_to_count_shapes(tmp_path: Path) -> None:
     print("eval/accuracy by step:", acc, "loss first/last:", losses[0], losses[-1])
     assert losses[-1] < 0.5 * losses[0]
     assert acc[max(acc)] >= 0.4  # chance is 0.25 (1-4 shapes)
+
+
+def run_rl(config: str, tmp_path: Path, *overrides: str) -> dict[int, float]:
+    """An RL config as shipped (its weak SFT start is built first), outputs under tmp_path."""
+    out = tmp_path / "rl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "rl", str(ROOT / config), f"output_dir={out}",
+         f"model.path={tmp_path / 'sft' / 'final'}", f"data.prompts.0.path={tmp_path / 'data'}",
+         f"data.eval.path={tmp_path / 'data'}", "logging.progress=false", *overrides],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return accuracies(read_metrics(out / "metrics.jsonl"))
+
+
+def test_tiny_rl_improves_a_weak_sft_checkpoint(tmp_path: Path) -> None:
+    acc = run_rl("configs/tiny/rl.yaml", tmp_path)
+    print("eval/accuracy by step:", acc)
+    assert acc[max(acc)] - acc[0] >= 0.15

@@ -121,6 +121,14 @@ def test_exact_match() -> None:
     assert exact_match(completions, gold, ignore_case=True) == [1.0, 1.0, 1.0, 0.0]
 
 
+def test_digit_match_gives_partial_credit_by_place() -> None:
+    from posttrain.rewards.builtin import digit_match
+
+    completions = ["<think>1+1</think>\n\n1708", "1197", "97", "", "<think>unfinished", "\\boxed{1197}."]
+    assert digit_match(completions, ["1197"] * 6) == [0.25, 1.0, 0.5, 0.0, 0.0, 1.0]
+    assert digit_match(["12"], ["none"]) == [None]
+
+
 @pytest.mark.parametrize(
     ("text", "letter"),
     [
