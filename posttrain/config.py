@@ -27,8 +27,9 @@ class TinyModel(Strict):
 
     kind: Literal["text", "vl"] = "text"
     """`text` builds a Qwen3, `vl` a Qwen3-VL."""
-    size: Literal["tiny", "small"] = "tiny"
-    """`tiny`: ~1M parameters for tests and the demo; `small`: ~10M for benchmarks."""
+    size: Literal["micro", "tiny", "small"] = "tiny"
+    """`micro`: ~0.2M parameters (a distillation student); `tiny`: ~1M for tests and the demo; `small`:
+    ~10M for benchmarks. All sizes share the tokenizer of a given `seed`."""
     seed: int = 0
     """Seed for tokenizer corpus order and weight initialisation."""
 
@@ -248,7 +249,11 @@ class SFTConfig(TrainingStage):
         return self.train.global_batch_size, self.train.micro_batch_size, "train.global_batch_size"
 
 
-STAGES: dict[str, str] = {"sft": "posttrain.config:SFTConfig", "rl": "posttrain.rl.config:RLConfig"}
+STAGES: dict[str, str] = {
+    "sft": "posttrain.config:SFTConfig",
+    "rl": "posttrain.rl.config:RLConfig",
+    "distill": "posttrain.distill.config:DistillConfig",
+}
 """Stage name -> its config class, imported on use (stage configs live beside their drivers)."""
 
 

@@ -162,6 +162,34 @@ class Learner:
             grad_norm = self.engine.get_global_grad_norm()
         return {**sums, "grad_norm": float(grad_norm), "lr": lr}
 
+    def distill_step(
+        self, micro_batches: list[dict[str, Any]], norms: dict[str, float], loss_cfg: dict[str, Any]
+    ) -> dict[str, float]:
+        """One optimizer step of the distillation objective (posttrain.distill.objective) over this rank's
+        micro-batches, normalised by the whole step's target tokens (`norms["tokens"]`) and scaled back from
+        DeepSpeed's averaging as in `train_step`. Returns summed statistics."""
+        from posttrain.distill.objective import distill_objective
+
+        assert len(micro_batches) == self.engine.gradient_accumulation_steps()
+        scale = self.world_size * len(micro_batches)
+        lr = float(self.engine.get_lr()[0])
+        sums: dict[str, float] = {}
+        grad_norm = None
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            inputs = {k: batch.pop(k) for k in list(batch) if k in MODEL_INPUTS}
+            logits = self.engine(**inputs, use_cache=False).logits
+            loss, stats = distill_objective(logits, inputs["input_ids"], batch, norms, loss_cfg)
+            self.engine.backward(loss * scale)
+            if self.engine.is_gradient_accumulation_boundary() and self.cfg.learners.zero_stage == 0:
+                grad_norm = _grad_norm(self.engine.module)
+            self.engine.step()
+            for key, value in [*stats.items(), ("loss", loss.detach())]:
+                sums[key] = sums.get(key, 0.0) + float(value)
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        return {**sums, "grad_norm": float(grad_norm), "lr": lr}
+
     def logprobs(self, batches: list[dict[str, Any]], base_model: bool = False) -> list[Any]:
         """Per batch, log-probabilities of each next token under the current weights ([B, T-1], fp32, on
         CPU); `base_model` disables the LoRA adapter (the reference policy of a LoRA run)."""

@@ -62,6 +62,13 @@ CHAT_TEMPLATE = """\
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "micro": {
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "head_dim": 32,
+    },
     "small": {
         "hidden_size": 384,
         "intermediate_size": 1024,
@@ -125,7 +132,7 @@ def _text_config(tokenizer: Any, size: str) -> dict[str, Any]:
         **dims,
         "vocab_size": len(tokenizer),
         "num_key_value_heads": 2,
-        "head_dim": 32 if size == "tiny" else 64,  # vLLM's CPU attention rejects head_dim 16
+        "head_dim": dims.get("head_dim", 32 if size == "tiny" else 64),  # vLLM's CPU attention rejects 16
         "max_position_embeddings": 4096,
         "tie_word_embeddings": False,  # a separate lm_head keeps engine weight sync uniform
         "eos_token_id": tokenizer.eos_token_id,
@@ -204,7 +211,10 @@ def _write(out: Path, kind: str, size: str, seed: int) -> None:
 
 
 def build_tiny_model(
-    out_dir: str | Path, kind: Literal["text", "vl"], size: Literal["tiny", "small"] = "tiny", seed: int = 0
+    out_dir: str | Path,
+    kind: Literal["text", "vl"],
+    size: Literal["micro", "tiny", "small"] = "tiny",
+    seed: int = 0,
 ) -> Path:
     """Write a complete random Qwen3 (`text`) or Qwen3-VL (`vl`) folder at `out_dir`, atomically."""
     out = Path(out_dir)
