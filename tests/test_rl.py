@@ -119,3 +119,24 @@ def test_a_killed_engine_ends_the_run_with_a_named_error(
     assert "RolloutError" in stderr or "WeightSyncError" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr.split("posttrain rl: failed")[-1]
     assert not (out / "final").exists()
+
+
+def test_vl_rl_steps_with_image_prompts(tmp_path: Path, tiny_vl_model: Path) -> None:
+    """Qwen3-VL: image prompts through the processor to the learners (expanded image pads, pixels) and
+    the engines (one pad per image + the image); learner and engine agree on the sampled tokens."""
+    from posttrain.config import TinyTask
+    from posttrain.tasks import write_task
+
+    data = tmp_path / "shapes"
+    write_task(data, TinyTask(name="shapes", train_size=16, test_size=8))
+    out = tmp_path / "run"
+    _run([sys.executable, "-m", "posttrain", "rl", str(ROOT / "configs/tiny/rl_vl.yaml"), f"output_dir={out}",
+          f"model.path={tiny_vl_model}", "init_from_sft=null", f"data.prompts.0.path={data}",
+          f"data.eval.path={data}", f"rewards.rewards=[{{name: '{PARITY}'}}, exact_match]", "train.max_steps=2",
+          "train.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_tokens=12",
+          "train.micro_batch_size=16", "eval.max_samples=4", "eval.max_new_tokens=12", "logging.progress=false"])  # fmt: skip
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["advantage/abs_max"] > 0 and rows[0]["grad_norm"] > 0
+    assert max(r["mismatch/max_abs"] for r in rows) <= 1e-4
+    assert (out / "final" / "processor_config.json").is_file()
