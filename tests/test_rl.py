@@ -140,3 +140,21 @@ def test_vl_rl_steps_with_image_prompts(tmp_path: Path, tiny_vl_model: Path) -> 
     assert rows[0]["advantage/abs_max"] > 0 and rows[0]["grad_norm"] > 0
     assert max(r["mismatch/max_abs"] for r in rows) <= 1e-4
     assert (out / "final" / "processor_config.json").is_file()
+
+
+def test_async_dapo_with_reference_kl_and_importance_sampling(
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+) -> None:
+    """Async generation (step k+1 sampled while step k trains), DAPO dynamic sampling, a reference actor
+    group for the KL term, two mini-batches (old logprobs recomputed) and truncated importance sampling."""
+    out = tmp_path / "run"
+    _run(_cli(out, tiny_text_model, arithmetic, "train.async_rollout=true", "algorithm.type=dapo",
+              "algorithm.kl_coef=0.05", "train.mini_batches=2", "train.micro_batch_size=8",
+              "algorithm.importance_sampling={cap: 2.0}", "reference.cpus_per_worker=0.5"))  # fmt: skip
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["rollout/staleness"] for r in rows] == [0.0, 1.0, 1.0]
+    # k3 KL is ≥ 0; 0 on the first mini-batch (policy == reference), > 0 once the weights moved
+    assert all(0 <= r["actor/kl"] < 0.5 for r in rows) and rows[-1]["actor/kl"] > 0
+    assert all("actor/is_clipped_fraction" in r and r["rollout/rounds"] >= 1 for r in rows)
+    assert rows[0]["mismatch/max_abs"] <= 1e-4  # on-policy first batch
