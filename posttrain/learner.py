@@ -190,15 +190,17 @@ class Learner:
             grad_norm = self.engine.get_global_grad_norm()
         return {**sums, "grad_norm": float(grad_norm), "lr": lr}
 
-    def logprobs(self, batches: list[dict[str, Any]], base_model: bool = False) -> list[Any]:
-        """Per batch, log-probabilities of each next token under the current weights ([B, T-1], fp32, on
-        CPU); `base_model` disables the LoRA adapter (the reference policy of a LoRA run)."""
+    def logprobs(
+        self, batches: list[dict[str, Any]], base_model: bool = False, temperature: float = 1.0
+    ) -> list[Any]:
+        """Per batch, log-probabilities of each next token under the current weights at `temperature`
+        ([B, T-1], fp32, on CPU); `base_model` disables the LoRA adapter (a LoRA run's reference)."""
         import contextlib
 
         module = self.engine.module
         adapter_off = module.disable_adapter() if base_model else contextlib.nullcontext()
         with adapter_off:
-            return [_next_token_logprobs(self.engine, batch, self.device) for batch in batches]
+            return [_next_token_logprobs(self.engine, batch, self.device, temperature) for batch in batches]
 
     def token_logprobs(self, batch: dict[str, Any]) -> Any:
         return self.logprobs([batch])[0]
@@ -281,7 +283,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
 """Batch keys the model's forward takes; the rest of an RL batch feeds the objective."""
 
 
-def _next_token_logprobs(model: Any, batch: dict[str, Any], device: str) -> Any:
+def _next_token_logprobs(model: Any, batch: dict[str, Any], device: str, temperature: float = 1.0) -> Any:
     import torch
 
     from posttrain.losses import next_token_logprobs
@@ -293,7 +295,7 @@ def _next_token_logprobs(model: Any, batch: dict[str, Any], device: str) -> Any:
         inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
         logits = model(**inputs, use_cache=False).logits
     module.train(was_training)
-    return next_token_logprobs(logits, inputs["input_ids"]).cpu()
+    return next_token_logprobs(logits / temperature, inputs["input_ids"]).cpu()
 
 
 class Reference:
@@ -306,8 +308,10 @@ class Reference:
         self.device = _pick_device(cfg.learners.device)  # threads: OMP_NUM_THREADS from the WorkerGroup
         self.model = load_model(cfg, model_path, is_vl).to(self.device).eval().requires_grad_(False)
 
-    def logprobs(self, batches: list[dict[str, Any]], base_model: bool = False) -> list[Any]:
-        return [_next_token_logprobs(self.model, batch, self.device) for batch in batches]
+    def logprobs(
+        self, batches: list[dict[str, Any]], base_model: bool = False, temperature: float = 1.0
+    ) -> list[Any]:
+        return [_next_token_logprobs(self.model, batch, self.device, temperature) for batch in batches]
 
 
 def _pick_device(setting: str) -> str:

@@ -16,6 +16,7 @@ from posttrain.data import DataError, EvalPrompt, build_eval_prompts, epoch_orde
 from posttrain.rollout.engine import RolloutRequest, RolloutResult, RolloutSample
 
 IMAGE_PAD = "<|image_pad|>"
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Trajectory:
     advantage: float = 0.0
     old_logprobs: list[float] | None = None
     ref_logprobs: list[float] | None = None
+    placeholder: bool = False  # cut at a sampled vision placeholder (see `trajectories`)
 
     @property
     def response(self) -> list[int]:
@@ -120,12 +122,28 @@ def requests_for(
     return chosen, requests
 
 
-def trajectories(prompts: list[Prompt], results: list[RolloutResult], first_group: int) -> list[Trajectory]:
-    return [
-        Trajectory(p, first_group + g, s, r.weight_version)
-        for g, (p, r) in enumerate(zip(prompts, results, strict=True))
-        for s in r.samples
-    ]
+def trajectories(
+    prompts: list[Prompt],
+    results: list[RolloutResult],
+    first_group: int,
+    placeholders: frozenset[int] | set[int] = frozenset(),
+) -> list[Trajectory]:
+    """One per sample. A VL model may sample an image/video placeholder token, which the learner's
+    forward would try to match with image features: such a response is cut before it and carries no loss."""
+    out = []
+    for g, (p, r) in enumerate(zip(prompts, results, strict=True)):
+        for s in r.samples:
+            t = Trajectory(p, first_group + g, s, r.weight_version)
+            cut = next((j for j, tok in enumerate(s.token_ids) if tok in placeholders), None)
+            if cut is not None:
+                s.token_ids, s.logprobs, t.placeholder = s.token_ids[:cut], s.logprobs[:cut], True
+            out.append(t)
+    return out
+
+
+def placeholder_ids(tokenizer: Any, is_vl: bool) -> set[int]:
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_PLACEHOLDERS] if is_vl else []
+    return {i for i in ids if isinstance(i, int) and i >= 0}
 
 
 # ---------------------------------------------------------------------------------------- learner side
@@ -133,8 +151,8 @@ def trajectories(prompts: list[Prompt], results: list[RolloutResult], first_grou
 
 def loss_positions(t: Trajectory, mask_truncated: bool) -> list[int]:
     """Positions (learner layout) of the response tokens that carry loss: sampled (not forced) tokens
-    of a valid trajectory, none for a truncated one when `mask_truncated`."""
-    if not t.valid or (mask_truncated and t.truncated):
+    of a valid trajectory, none for one cut at a placeholder or (with `mask_truncated`) truncated."""
+    if not t.valid or t.placeholder or (mask_truncated and t.truncated):
         return []
     start, forced = len(t.prompt.ids) - 1, set(t.sample.forced)
     return [start + j for j in range(len(t.response)) if j not in forced]

@@ -40,6 +40,7 @@ class Run:
     tokenizer: Any
     stop_ids: list[int]
     probe_ids: list[int]
+    placeholders: set[int]
     learners: Any
     engines: Any
     rewards: Any
@@ -55,7 +56,7 @@ def run(cfg: RLConfig) -> Path:
     from posttrain.data import load_processing, tokenizer_of
     from posttrain.evaluation import EvalSet
     from posttrain.rewards.runtime import RewardRuntime
-    from posttrain.rl.batch import build_prompts
+    from posttrain.rl.batch import build_prompts, placeholder_ids
 
     began = time.perf_counter()
     runs.quiet_libraries()
@@ -77,7 +78,8 @@ def run(cfg: RLConfig) -> Path:
         learners = start_learners(cfg, model_path, is_vl)
         engines = start_engines(cfg, model_path, tok, is_vl)
         with RewardRuntime.from_config(cfg.rewards) as rewards:
-            ctx = Run(cfg, out, prompts, tok, stop_ids, probe_ids(tok), learners, engines, rewards)
+            marks = placeholder_ids(tok, is_vl)
+            ctx = Run(cfg, out, prompts, tok, stop_ids, probe_ids(tok), marks, learners, engines, rewards)
             ctx.reference = start_reference(cfg, model_path, is_vl, learners)
             start = resume(ctx)
             train(ctx, start, eval_set)
@@ -225,7 +227,7 @@ def rollout_trajectories(ctx: Run, pending: tuple[list[Any], range, Any]) -> lis
     from posttrain.rl.batch import trajectories
 
     prompts, _, refs = pending
-    return trajectories(prompts, collect(ctx, refs), 0)
+    return trajectories(prompts, collect(ctx, refs), 0, ctx.placeholders)
 
 
 def score(ctx: Run, trajs: list[Any]) -> dict[str, float]:
@@ -280,6 +282,7 @@ def logprobs_of(ctx: Run, group: Any, trajs: list[Any], base_model: bool) -> lis
         (
             [collate([trajs[i] for i in s[k : k + micro]], pad, False) for k in range(0, len(s), micro)],
             base_model,
+            ctx.cfg.rollout.temperature,
         )
         for s in shards
     ]
@@ -313,6 +316,7 @@ def update(ctx: Run, trajs: list[Any], step: int) -> dict[str, float]:
                 "tokens": float(max(1, sum(len(p) for p in positions))),
                 "seqs": float(max(1, sum(bool(p) for p in positions))),
                 "norm_length": float(cfg.rollout.max_tokens),
+                "temperature": cfg.rollout.temperature,
             }
             args = []
             for shard in _shards(chosen, len(ctx.learners)):
@@ -376,6 +380,7 @@ def batch_metrics(ctx: Run, trajs: list[Any], advantages: Any) -> dict[str, floa
         out[f"response/think_tokens{suffix}"] = _mean([_think_tokens(t, think_end) for t in group])
     out["response/tokens_max"] = float(max(len(t.response) for t in trajs))
     out["reward/valid"] = _mean([t.valid for t in trajs])
+    out["response/placeholder_cut"] = _mean([t.placeholder for t in trajs])
     valid_adv = [a for t, a in zip(trajs, advantages.tolist(), strict=True) if t.valid]
     out["advantage/mean"] = _mean(valid_adv)
     out["advantage/abs_max"] = max((abs(a) for a in valid_adv), default=0.0)

@@ -33,9 +33,11 @@ def rl_objective(
 
     `batch`: response_mask, advantages, engine_logprobs, optional old_logprobs (absent: the current
     weights are the old policy, so the first update is exactly on-policy) and ref_logprobs (KL in the
-    loss). `norms`: tokens, seqs and norm_length of the whole update (see losses.aggregate). `algo`:
+    loss). `norms`: tokens, seqs and norm_length of the whole update (see losses.aggregate) and the rollout
+    temperature. `algo`:
     AlgorithmConfig as a dict."""
     mask = batch["response_mask"]
+    logits = logits / norms.get("temperature", 1.0)  # the policy that sampled: π at the rollout temperature
     logp = next_token_logprobs(logits, input_ids)
     old = batch.get("old_logprobs", logp.detach())
     per_token, stats = policy_loss(

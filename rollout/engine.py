@@ -30,7 +30,9 @@ from posttrain.rollout.weight_sync import (
     Probe,
     SyncManifest,
     WeightSyncError,
+    put_bucket,
     tensor_checksum,
+    unpack_bucket,
 )
 
 THINK_END_TEXT = "</think>\n\n"
@@ -126,13 +128,19 @@ class RolloutEngine:
             "seed": seed,
             "max_model_len": max_model_len,
             "max_logprobs": max_logprobs,
-            "logprobs_mode": "raw_logprobs",
+            # Sampled tokens' logprobs under the distribution they were drawn from (temperature, top-k,
+            # top-p applied): what an importance ratio needs. Prompt logprobs stay raw.
+            "logprobs_mode": "processed_logprobs",
             "tensor_parallel_size": tensor_parallel_size,
             "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
             "gpu_memory_utilization": gpu_memory_utilization or (0.9 if gpu else 0.3),
         }
         if dtype or not gpu:
             args["dtype"] = dtype or "float32"
+        if not gpu:
+            # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill, which a
+            # CPU generator cannot do ("CPU Generator does not use offset"): prefill whole prompts only.
+            args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         # TP > 1: Ray workers (they can fetch the buckets from the object store themselves); untested here.
         args["distributed_executor_backend"] = "uni" if in_process else "ray"
         config_file = Path(model_path) / "config.json"
@@ -298,6 +306,8 @@ class RolloutEngine:
             source = list(buckets) if isinstance(buckets, (list, tuple)) else buckets
             per_worker = self.llm.collective_rpc(_reload_from_buckets, args=(source,))
             self.llm.reset_prefix_cache()
+            if self.is_vl:  # the scheduler would otherwise trust image embeddings of the old weights
+                self.llm.llm_engine.reset_encoder_cache()
         except Exception as e:
             raise self._failed(version, f"reload failed: {type(e).__name__}: {e}") from e
         seen, nbytes = per_worker[0]  # every TP worker streams the full tensors and keeps its shard
@@ -452,9 +462,9 @@ def _resolve(b: Any) -> Any:
     import ray
 
     if not isinstance(b, ray.ObjectRef):
-        return b
+        return unpack_bucket(b)
     try:  # an engine never waits forever on a bucket whose owner (the learner) died
-        return ray.get(b, timeout=BUCKET_FETCH_TIMEOUT_S)
+        return unpack_bucket(ray.get(b, timeout=BUCKET_FETCH_TIMEOUT_S))
     except ray.exceptions.GetTimeoutError:
         raise TimeoutError(f"weight bucket not available within {BUCKET_FETCH_TIMEOUT_S:.0f} s") from None
 
@@ -540,6 +550,7 @@ class RolloutGroup:
         self.start_seconds = time.perf_counter() - t0
         self.sync_timeout_s = sync_timeout_s
         self.version = 0
+        self._queues: tuple[int, list[Any]] | None = None  # (maxsize, one Queue per engine)
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -571,7 +582,7 @@ class RolloutGroup:
         answering within `sync_timeout_s` raises WeightSyncError naming the version and the engine."""
         import ray
 
-        refs = [b if isinstance(b, ray.ObjectRef) else ray.put(b) for b in buckets]
+        refs = [b if isinstance(b, ray.ObjectRef) else put_bucket(b) for b in buckets]
         calls = [a.update_weights.remote(version, refs, manifest, probe) for a in self.workers.actors]
         reports = self._gather_sync(version, calls)
         self.version = version
@@ -584,6 +595,27 @@ class RolloutGroup:
             a.update_weights.remote(version, q, None, None, True)
             for a, q in zip(self.workers.actors, queues, strict=True)
         ]
+
+    def stream_queues(self, maxsize: int) -> list[Any]:
+        """One bounded `ray.util.queue.Queue` per engine for `stream_sync_from_learners`. Kept between
+        updates (each is an actor, about a second to start): reused while empty, i.e. after an update
+        that succeeded; `discard_stream_queues` drops them after a failure."""
+        from ray.util.queue import Queue
+
+        if self._queues is not None and (
+            self._queues[0] != maxsize or not all(q.empty() for q in self._queues[1])
+        ):
+            self.discard_stream_queues()
+        if self._queues is None:
+            queues = [Queue(maxsize=maxsize, actor_options={"num_cpus": 0}) for _ in self.workers.actors]
+            self._queues = (maxsize, queues)
+        return self._queues[1]
+
+    def discard_stream_queues(self) -> None:
+        if self._queues is not None:
+            for q in self._queues[1]:
+                q.shutdown(force=True)
+            self._queues = None
 
     def finish_streamed_update(
         self, version: int, pending: list[Any], manifest: SyncManifest | None, probe: Probe | None = None
@@ -640,6 +672,7 @@ class RolloutGroup:
         return self.workers.call("info")
 
     def shutdown(self) -> None:
+        self.discard_stream_queues()
         self.workers.shutdown()
 
 

@@ -2,8 +2,9 @@
 
 The learner side turns its (possibly ZeRO-3 partitioned) module into buckets of whole tensors with HF
 names, each about `bucket_mb` (a larger tensor is a bucket of its own; q/k/v and gate/up stay together),
-gathering one bucket's parameters at a time. On CPU the buckets travel through the Ray object store; the
-engine streams them into vLLM's in-place reload in one pass and checksums each tensor it received.
+gathering one bucket's parameters at a time. On CPU the buckets travel through the Ray object store as
+`WireBucket`s (raw bytes: one copy in, read back zero-copy); the engine streams them into vLLM's in-place
+reload in one pass and checksums each tensor it received.
 
     sync_from_learners(learners, engines, version, bucket_mb, probe_ids)          # all buckets put, then load
     stream_sync_from_learners(learners, engines, version, bucket_mb, max_inflight) # pipelined, bounded
@@ -39,19 +40,37 @@ class WeightSyncError(RuntimeError):
         return (WeightSyncError, (self.version, self.engine, self.reason))
 
 
-def tensor_checksum(t: Any, chunk: int = 1 << 22) -> float:
-    """Float64 sum of a tensor's elements plus a position-weighted sum (so swapped or offsetting
-    changes within the tensor show too), in chunks so large tensors need little extra memory."""
+CHECKSUM_CHUNK = 1 << 20
+"""Elements per checksum step (an 8 MiB float64 buffer): larger steps cost less Python per byte."""
+
+_RAMPS: dict[tuple[int, str], Any] = {}
+
+
+def tensor_checksum(t: Any, chunk: int = CHECKSUM_CHUNK) -> float:
+    """Float64 sum of a tensor's elements plus a position-weighted sum, sum_i x_i * (i + 1) / n (so
+    swapped or offsetting changes within the tensor show too). Each chunk is converted into one reused
+    float64 buffer and weighted by a cached ramp (a dot product), so no tensor-sized temporaries."""
     import torch
 
     flat = t.detach().reshape(-1)
     n = flat.numel()
-    total = 0.0
-    for start in range(0, n, chunk):
-        part = flat[start : start + chunk].to(torch.float64)
-        w = torch.arange(start + 1, start + part.numel() + 1, dtype=torch.float64, device=part.device) / n
-        total += float(part.sum() + (part * w).sum())
-    return total
+    if n == 0:
+        return 0.0
+    key = (chunk, str(flat.device))
+    ramp = _RAMPS.get(key)
+    if ramp is None:
+        ramp = _RAMPS[key] = torch.arange(1, chunk + 1, dtype=torch.float64, device=flat.device)
+    buf = torch.empty(min(chunk, n), dtype=torch.float64, device=flat.device)
+    total = weighted = 0.0
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            part = buf[:m]
+            part.copy_(flat[start : start + m])
+            s = float(part.sum())
+            total += s
+            weighted += start * s + float(torch.dot(part, ramp[:m]))  # sum_j x_(start+j) * (start+j+1)
+    return total + weighted / n
 
 
 @dataclass
@@ -103,6 +122,49 @@ class Probe:
     atol: float = 1e-4
 
 
+class WireBucket:
+    """A bucket as it travels through the Ray object store: each tensor as a flat NumPy uint8 view of its
+    bytes, which Ray serialises out of band (`ray.put` copies the bytes into the store once) and a reader
+    gets back zero-copy, as a read-only view of the store's shared memory. A plain torch tensor would
+    instead be pickled through `torch.save` and copied again on both sides."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, bucket: Bucket) -> None:
+        import torch
+
+        self.items: list[tuple[str, Any, str, tuple[int, ...]]] = []
+        for name, t in bucket:
+            t = t.detach().to("cpu").contiguous()
+            dtype = str(t.dtype).removeprefix("torch.")
+            self.items.append((name, t.reshape(-1).view(torch.uint8).numpy(), dtype, tuple(t.shape)))
+
+    def unpack(self) -> Bucket:
+        import warnings
+
+        import torch
+
+        out: Bucket = []
+        for name, data, dtype, shape in self.items:
+            with warnings.catch_warnings():  # read-only store memory: nothing here writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.from_numpy(data)
+            out.append((name, raw.view(getattr(torch, dtype)).reshape(shape)))
+        return out
+
+
+def unpack_bucket(obj: Any) -> Bucket:
+    """A bucket from what `ray.get` returned: a `WireBucket`, or a plain bucket (list of name, tensor)."""
+    return obj.unpack() if isinstance(obj, WireBucket) else obj
+
+
+def put_bucket(bucket: Bucket) -> Any:
+    """`ray.put` one bucket in wire form; returns the ObjectRef."""
+    import ray
+
+    return ray.put(WireBucket(bucket))
+
+
 # ------------------------------------------------------------------------------------ the sender side
 
 
@@ -145,7 +207,9 @@ def _hf_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def module_state_buckets(module: Any, bucket_mb: float = 64, gather: bool | None = None) -> Iterator[Bucket]:
+def module_state_buckets(
+    module: Any, bucket_mb: float = 64, gather: bool | None = None, copy: bool = True
+) -> Iterator[Bucket]:
     """The full state of a DeepSpeed engine's module (or any torch module) as buckets of CPU tensors with
     HF names. Under ZeRO-3 (`gather`, default: detected from `ds_id` on the parameters) each bucket's
     parameters are gathered with `deepspeed.zero.GatheredParameters` and released before the next, so
@@ -153,6 +217,11 @@ def module_state_buckets(module: Any, bucket_mb: float = 64, gather: bool | None
 
     Tied parameters are listed under each name (vLLM needs `lm_head.weight` with tied embeddings). A
     PEFT-wrapped module is refused (see `sync_lora_from_learners`).
+
+    `copy=False` yields parameters that are already whole, contiguous CPU tensors as detached views of
+    the live parameters instead of copies: only for a caller that is done with each bucket before the
+    parameters change (the learner helpers below checksum it and `ray.put`, itself a copy, at once).
+    Gathered ZeRO-3 parameters are always copied (they are released after their bucket).
     """
     import torch
 
@@ -183,7 +252,8 @@ def module_state_buckets(module: Any, bucket_mb: float = 64, gather: bool | None
 
             ctx = contextlib.nullcontext()
         with ctx, torch.no_grad():
-            return [(names[i], named[i][1].detach().to("cpu", copy=True).contiguous()) for i in idx]
+            snapshot = copy or gather
+            return [(names[i], named[i][1].detach().to("cpu", copy=snapshot).contiguous()) for i in idx]
 
     for group in _param_groups(names):
         gbytes = sum(numel(named[i][1]) * named[i][1].element_size() for i in group)
@@ -197,15 +267,14 @@ def module_state_buckets(module: Any, bucket_mb: float = 64, gather: bool | None
 
 
 def put_buckets(buckets: Iterable[Bucket], manifest: SyncManifest | None = None) -> list[Any]:
-    """Put each bucket into the Ray object store (adding its tensors to `manifest`); return the refs."""
-    import ray
-
+    """Put each bucket into the Ray object store in wire form (adding its tensors to `manifest`); return
+    the refs."""
     refs = []
     for b in buckets:
         if manifest is not None:
             for name, t in b:
                 manifest.add(name, t)
-        refs.append(ray.put(b))
+        refs.append(put_bucket(b))
     return refs
 
 
@@ -215,7 +284,7 @@ def learner_weight_buckets(learner: Any, bucket_mb: float = 64) -> tuple[list[An
     zero3 = learner.cfg.learners.zero_stage == 3
     manifest = SyncManifest()
     refs = []
-    for bucket in module_state_buckets(learner.engine.module, bucket_mb, gather=zero3):
+    for bucket in module_state_buckets(learner.engine.module, bucket_mb, gather=zero3, copy=False):
         if learner.rank == 0:
             refs.extend(put_buckets([bucket], manifest))
     return (refs, manifest) if learner.rank == 0 else None
@@ -242,15 +311,13 @@ def learner_stream_buckets(learner: Any, queues: list[Any], bucket_mb: float = 6
     """Run inside every learner actor: rank 0 puts each bucket into the object store and its ref into
     every engine's queue as soon as it is gathered (a full queue blocks: at most `maxsize` buckets per
     engine in flight), then `None`; returns the manifest (rank 0)."""
-    import ray
-
     zero3 = learner.cfg.learners.zero_stage == 3
     manifest = SyncManifest()
-    for bucket in module_state_buckets(learner.engine.module, bucket_mb, gather=zero3):
+    for bucket in module_state_buckets(learner.engine.module, bucket_mb, gather=zero3, copy=False):
         if learner.rank == 0:
             for name, t in bucket:
                 manifest.add(name, t)
-            ref = ray.put(bucket)
+            ref = put_bucket(bucket)
             del bucket
             for q in queues:
                 q.put([ref], block=True, timeout=STREAM_PUT_TIMEOUT_S)
@@ -273,19 +340,21 @@ def stream_sync_from_learners(
     """Pipelined variant of `sync_from_learners`: engines load bucket k while the learners gather bucket
     k+1, with at most `max_inflight` buckets queued per engine (bounded object-store use instead of a
     full copy of the model). Checksums and the probe are checked once the manifest is complete; until
-    then the engines refuse to generate."""
-    from ray.util.queue import Queue
-
-    queues = [Queue(maxsize=max_inflight, actor_options={"num_cpus": 0}) for _ in range(len(engines))]
+    then the engines refuse to generate. The engines' queues (one small Ray actor each, about a second to
+    start) are kept by the group for the next call, and dropped after any failure."""
+    queues = engines.stream_queues(max_inflight)
+    ok = False
     try:
         pending = engines.start_streamed_update(version, queues)
         out = learners.run(learner_stream_buckets, queues, bucket_mb)
         manifest = next(o for o in out if o is not None)
         probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
-        return engines.finish_streamed_update(version, pending, manifest, probe)
+        reports = engines.finish_streamed_update(version, pending, manifest, probe)
+        ok = True  # every engine read its queue through the end marker: the queues are empty
+        return reports
     finally:
-        for q in queues:
-            q.shutdown(force=True)
+        if not ok:
+            engines.discard_stream_queues()
 
 
 def learner_probe(learners: Any, probe_ids: list[int], atol: float = 1e-4) -> Probe:

@@ -58,10 +58,10 @@ def test_first_update_is_on_policy(kind: str) -> None:
     mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.float64)
     from posttrain.losses import next_token_logprobs
 
-    lp = next_token_logprobs(logits, ids).detach()
+    lp = next_token_logprobs(logits / 0.7, ids).detach()  # the engine reports the tempered policy's logprobs
     batch = {"response_mask": mask, "advantages": torch.tensor([1.0, -2.0], dtype=torch.float64)}
     batch |= {"engine_logprobs": lp.clone(), "ref_logprobs": lp.clone()}
-    norms = {"tokens": 5.0, "seqs": 2.0, "norm_length": 3.0}
+    norms = {"tokens": 5.0, "seqs": 2.0, "norm_length": 3.0, "temperature": 0.7}
     algo = _algo(type=kind, kl_coef=0.1)
     loss, stats = rl_objective(logits, ids, batch, norms, algo)
     assert stats["ratio_sum"].item() == stats["tokens"].item() == 5.0
@@ -75,10 +75,10 @@ def test_first_update_is_on_policy(kind: str) -> None:
 
 
 def _plain_policy_gradient_loss(logits, ids, batch, norms, aggregation):  # type: ignore[no-untyped-def]
-    """-A · logp, aggregated as configured, written out directly."""
+    """-A · logp (of the policy at the rollout temperature), aggregated as configured, written out directly."""
     from posttrain.losses import next_token_logprobs
 
-    lp = next_token_logprobs(logits, ids)
+    lp = next_token_logprobs(logits / norms["temperature"], ids)
     per_token = -batch["advantages"][:, None] * lp * batch["response_mask"]
     if aggregation == "token_mean":
         return per_token.sum() / norms["tokens"]
