@@ -94,16 +94,73 @@ def token_logprobs(result: RolloutResult) -> np.ndarray:
 
 
 def score_sequences(teacher: Any, seqs: list[Sequence], k: int, batch_size: int) -> list[TopKRow]:
-    """The teacher's top-k for each sequence, as store rows (indices 0..n-1 in the given order)."""
+    """The teacher's top-k for each sequence, as store rows (indices 0..n-1 in the given order). With
+    k = 0 each row's single entry is the token itself with the teacher's logprob of it (what the sampled
+    reverse KL needs)."""
     rows: list[TopKRow] = []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
-        results = teacher.generate(scoring_requests([s.token_ids for s in chunk], k))
-        for s, r in zip(chunk, results, strict=True):
-            ids, logp = topk_arrays(r, k)
+        for s, (ids, logp, own) in zip(
+            chunk, score_tokens(teacher, [s.token_ids for s in chunk], k), strict=True
+        ):
             tokens = np.asarray(s.token_ids, dtype=np.int32)
+            if k == 0:
+                ids, logp = tokens[:, None].copy(), own[:, None].copy()
+                logp[0] = -np.inf
             rows.append(TopKRow(len(rows), tokens, s.loss_mask, ids, logp, s.extra))
     return rows
+
+
+def score_tokens(
+    teacher: Any, token_ids: list[list[int]], k: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per sequence: the teacher's top-k ids [L, k] and logprobs [L, k] (sorted, entry 0 absent) and its
+    logprob of each token itself [L] (entry 0: 0). Requests are split over the engines of the
+    RolloutGroup `teacher` and run inside them (`_score_in_engine`)."""
+    import ray
+
+    from posttrain.rollout import split_evenly
+
+    actors = teacher.workers.actors
+    chunks = split_evenly(token_ids, len(actors), [len(ids) for ids in token_ids])
+    refs = [a.__ray_call__.remote(_score_in_engine, c, k) for a, c in zip(actors, chunks, strict=True) if c]
+    return [r for part in ray.get(refs) for r in part]
+
+
+def _score_in_engine(
+    engine: Any, token_ids: list[list[int]], k: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Runs in a RolloutEngine actor: one prefill per sequence with vLLM prompt logprobs, returned as
+    arrays. The same numbers as `RolloutEngine.generate(scoring_requests(...))` (see `topk_arrays`) at
+    about twice the speed on CPU: no detokenisation of the top-k tokens and vLLM's flat logprobs instead
+    of a dict per position."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False, flat_logprobs=True
+    )
+    outs = engine.llm.generate([{"prompt_token_ids": list(ids)} for ids in token_ids], params, use_tqdm=False)
+    return [_flat_arrays(ids, out.prompt_logprobs, k) for ids, out in zip(token_ids, outs, strict=True)]
+
+
+def _flat_arrays(ids: list[int], flat: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """vLLM's FlatLogprobs of one prompt: position j > 0 holds k + 1 entries, the token itself first,
+    then the top k by rank."""
+    n = len(ids)
+    top_ids = np.zeros((n, k), dtype=np.int32)
+    top_logp = np.full((n, k), -np.inf, dtype=np.float32)
+    own = np.zeros(n, dtype=np.float32)
+    if n < 2:
+        return top_ids, top_logp, own
+    first = flat.start_indices[1]
+    tokens = np.asarray(flat.token_ids[first:], dtype=np.int64)
+    values = np.asarray(flat.logprobs[first:], dtype=np.float32)
+    if tokens.size != (n - 1) * (k + 1) or (tokens.reshape(n - 1, k + 1)[:, 0] != np.asarray(ids[1:])).any():
+        raise RuntimeError("unexpected vLLM prompt logprobs layout (expected the token, then its top k)")
+    tokens, values = tokens.reshape(n - 1, k + 1), values.reshape(n - 1, k + 1)
+    own[1:] = values[:, 0]
+    top_ids[1:], top_logp[1:] = tokens[:, 1:], values[:, 1:]
+    return top_ids, top_logp, own
 
 
 def capture(teacher: Any, seqs: list[Sequence], writer: Any, k: int, batch_size: int) -> int:

@@ -64,6 +64,8 @@ def run(cfg: DistillConfig) -> Path:
     dump_config(cfg, out / "config.yaml")
     path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     student = Student(path, *load_processing(path, cfg.model.trust_remote_code))
+    check_early(cfg, student)
+    # Before any teacher SFT: it joins this cluster, sized for everything the mode runs at once.
     init_ray(cfg.ray.address, cfg.ray.num_cpus or cpus_needed(cfg))
     if cfg.mode == "offline":
         result = run_offline(cfg, out, student)
@@ -121,6 +123,24 @@ def prepare_teacher(cfg: DistillConfig, student: Student) -> str:
     processing, _ = load_processing(path, t.trust_remote_code)
     check_tokenizers(tokenizer_identity(tokenizer_of(processing)), path, student)
     return path
+
+
+def check_early(cfg: DistillConfig, student: Student) -> None:
+    """The tokenizer check before Ray and engines start, where the teacher (or the offline store) is
+    already on disk; a teacher built by `teacher.init_from_sft` is checked once it exists."""
+    from posttrain.data import load_processing, tokenizer_of
+    from posttrain.distill.topk_store import MANIFEST, TopKStore, tokenizer_identity
+
+    if cfg.mode == "offline" and (cfg.store_dir / MANIFEST).is_file():
+        store = TopKStore(cfg.store_dir)
+        check_tokenizers(
+            store.teacher["tokenizer"],
+            f"{store.teacher['name_or_path']} (the store {cfg.store_dir})",
+            student,
+        )
+    elif Path(cfg.teacher.path).is_dir():
+        processing, _ = load_processing(cfg.teacher.path, cfg.teacher.trust_remote_code)
+        check_tokenizers(tokenizer_identity(tokenizer_of(processing)), cfg.teacher.path, student)
 
 
 def check_tokenizers(teacher: dict[str, Any], teacher_name: str, student: Student) -> None:
