@@ -158,3 +158,21 @@ def test_async_dapo_with_reference_kl_and_importance_sampling(
     assert all(0 <= r["actor/kl"] < 0.5 for r in rows) and rows[-1]["actor/kl"] > 0
     assert all("actor/is_clipped_fraction" in r and r["rollout/rounds"] >= 1 for r in rows)
     assert rows[0]["mismatch/max_abs"] <= 1e-4  # on-policy first batch
+
+
+def test_lora_rl_on_two_learners_and_two_engines(
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+) -> None:
+    """LoRA (adapter-only sync into vLLM, the KL reference is the base model with the adapter disabled) on
+    2 ZeRO-2 learners × 2 engines: engines serve the learners' policy after every update."""
+    out = tmp_path / "run"
+    _run(_cli(out, tiny_text_model, arithmetic, "train.max_steps=2", "learners.num_learners=2",
+              "learners.zero_stage=2", "learners.cpus_per_learner=0.5", "rollout.num_engines=2",
+              "rollout.cpus_per_engine=0.5", "model.lora={r: 8, alpha: 16}", "algorithm.kl_coef=0.1",
+              "train.micro_batch_size=8", "train.lr=1e-3"))  # fmt: skip
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["grad_norm"] > 0 and rows[-1]["actor/kl"] > 0
+    assert max(r["mismatch/max_abs"] for r in rows) <= 1e-4
+    assert max(r["sync/probe_max_abs"] for r in rows) <= 1e-4
+    assert (out / "final" / "adapter_config.json").is_file()
