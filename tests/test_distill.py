@@ -304,3 +304,49 @@ def test_on_policy_with_teacher_engines_full_and_lora(
     rows = _train_rows(lora)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["grad_norm"] > 0
     assert (lora / "final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.integration
+def test_vl_student_distilled_on_text_keeps_its_vision(
+    tmp_path: Path, tiny_text_model: Path, tiny_vl_model: Path, arithmetic: Path
+) -> None:
+    """A Qwen3-VL student (same tokenizer) learns from a text teacher on text data with its vision tower
+    frozen: the tower is bit-identical afterwards, the language model moved, and image inference runs."""
+    import random
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from posttrain.tasks import SHAPES_PROMPT, render_shapes, shape_scene
+
+    out = tmp_path / "vl"
+    _run(
+        _cli(
+            out,
+            tiny_text_model,
+            tiny_vl_model,
+            arithmetic,
+            "model.freeze_vision_tower=true",
+            "train.max_steps=2",
+        )
+    )
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["grad_norm"] > 0
+    before, after = (
+        load_file(str(tiny_vl_model / "model.safetensors")),
+        load_file(str(out / "final/model.safetensors")),
+    )
+    vision = [k for k in before if ".visual." in k]
+    language = [k for k in before if ".language_model." in k]
+    assert vision and language and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in language)
+
+    processor = AutoProcessor.from_pretrained(out / "final")
+    model = AutoModelForImageTextToText.from_pretrained(out / "final")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SHAPES_PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image = render_shapes(shape_scene(random.Random(0)))
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
