@@ -47,12 +47,17 @@ def test_tiny_vl_sft_learns_to_count_shapes(tmp_path: Path) -> None:
 
 
 def run_rl(config: str, tmp_path: Path, *overrides: str) -> dict[int, float]:
-    """An RL config as shipped (its weak SFT start is built first), outputs under tmp_path."""
-    out = tmp_path / "rl"
+    """An RL config as shipped (its weak SFT start is built first, on the same data), outputs under tmp_path."""
+    import yaml
+
+    out, data = tmp_path / "rl", tmp_path / "data"
+    init = yaml.safe_load((ROOT / config).read_text())["init_from_sft"]["overrides"]
+    init += [f"data.train.0.path={data}", f"data.eval.path={data}", "logging.progress=false"]
     proc = subprocess.run(
         [sys.executable, "-m", "posttrain", "rl", str(ROOT / config), f"output_dir={out}",
          f"model.path={tmp_path / 'sft' / 'final'}", f"data.prompts.0.path={tmp_path / 'data'}",
-         f"data.eval.path={tmp_path / 'data'}", "logging.progress=false", *overrides],
+         f"data.eval.path={tmp_path / 'data'}", "logging.progress=false", f"init_from_sft.overrides={init}",
+         *overrides],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
