@@ -45,7 +45,8 @@ class TeacherConfig(Strict):
     max_model_len: int = Field(1024, ge=16)
     """Longest sequence the teacher scores (prompt + response)."""
     batch_size: int = Field(256, ge=1)
-    """Sequences per scoring request to the engines (capture and online top-k)."""
+    """Sequences per request to the engines (scoring for capture and online top-k; prompts for
+    off_policy generation)."""
 
     @model_validator(mode="after")
     def _final(self) -> TeacherConfig:
