@@ -23,9 +23,6 @@ from posttrain.distill.config import DistillConfig
 
 log = logging.getLogger("posttrain.distill")
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-"""The `max_lora_rank` values vLLM 0.32 accepts; the engines get the smallest one that fits `lora.r`."""
-
 
 @dataclass
 class OnPolicyRun:
@@ -170,25 +167,9 @@ def rollout_metrics(ctx: OnPolicyRun, trajs: list[Any], teacher_own: list[Any]) 
 
 
 def start_student_engines(cfg: DistillConfig, student: Any) -> Any:
-    from posttrain.rollout import RolloutGroup
+    from posttrain.rl.driver import start_engines
 
-    r, lora = cfg.rollout, cfg.model.lora
-    return RolloutGroup(
-        student.path,
-        r.num_engines,
-        num_cpus=r.cpus_per_engine,
-        name="student",
-        sync_timeout_s=r.sync_timeout_s,
-        ray_address=cfg.ray.address,
-        gpu_memory_utilization=r.gpu_memory_utilization,
-        max_model_len=r.max_model_len,
-        tensor_parallel_size=r.tensor_parallel_size,
-        dtype=cfg.model.dtype,
-        seed=cfg.train.seed,
-        enable_lora=lora is not None,
-        max_lora_rank=min((x for x in VLLM_LORA_RANKS if x >= lora.r), default=lora.r) if lora else 16,
-        limit_images=4 if student.is_vl else None,
-    )
+    return start_engines(cfg, student.path, student.is_vl, name="student")
 
 
 def sync_weights(ctx: OnPolicyRun, version: int) -> dict[str, float]:

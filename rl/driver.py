@@ -24,6 +24,8 @@ from posttrain.rl.config import RLConfig
 log = logging.getLogger("posttrain.rl")
 
 PENDING_FILE = "pending_rollouts.json"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The `max_lora_rank` values vLLM accepts; engines take the smallest that fits `model.lora.r`."""
 
 
 class RolloutError(RuntimeError):
@@ -76,7 +78,7 @@ def run(cfg: RLConfig) -> Path:
     learners = engines = None
     try:
         learners = start_learners(cfg, model_path, is_vl)
-        engines = start_engines(cfg, model_path, tok, is_vl)
+        engines = start_engines(cfg, model_path, is_vl)
         with RewardRuntime.from_config(cfg.rewards) as rewards:
             marks = placeholder_ids(tok, is_vl)
             ctx = Run(cfg, out, prompts, tok, stop_ids, probe_ids(tok), marks, learners, engines, rewards)
@@ -466,15 +468,16 @@ def start_learners(cfg: RLConfig, model_path: str, is_vl: bool) -> Any:
     return runs.start_learners(cfg, model_path, is_vl, cfg.optimizer_steps)
 
 
-def start_engines(cfg: RLConfig, model_path: str, tokenizer: Any, is_vl: bool) -> Any:
+def start_engines(cfg: Any, model_path: str, is_vl: bool, name: str = "rollout") -> Any:
+    """The engine group of a stage config with `rollout`, `model`, `train.seed` and `ray` (RL, distill)."""
     from posttrain.rollout import RolloutGroup
 
-    r = cfg.rollout
-    lora = cfg.model.lora
+    r, lora = cfg.rollout, cfg.model.lora
     return RolloutGroup(
         model_path,
         r.num_engines,
         num_cpus=r.cpus_per_engine,
+        name=name,
         sync_timeout_s=r.sync_timeout_s,
         ray_address=cfg.ray.address,
         gpu_memory_utilization=r.gpu_memory_utilization,
@@ -483,9 +486,8 @@ def start_engines(cfg: RLConfig, model_path: str, tokenizer: Any, is_vl: bool) -
         dtype=cfg.model.dtype,
         seed=cfg.train.seed,
         enable_lora=lora is not None,
-        max_lora_rank=lora.r if lora else 16,
+        max_lora_rank=min((x for x in VLLM_LORA_RANKS if x >= lora.r), default=lora.r) if lora else 16,
         limit_images=4 if is_vl else None,
-        think_end_ids=None,
     )
 
 
