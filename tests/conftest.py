@@ -1,6 +1,5 @@
 import pytest
 
-
 LONG_TESTS = {"test_distilled_student_beats_sft_only_at_equal_steps"}
 """Over 10 minutes on 2 cores (several full SFT runs): run with POSTTRAIN_LONG_TESTS=1."""
 
