@@ -33,3 +33,4 @@ check: lint typecheck
 
 bench: setup
 	$(PY) bench/sft_bench.py
+	$(PY) bench/rollout_bench.py

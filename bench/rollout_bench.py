@@ -1,0 +1,571 @@
+"""Rollout speed: posttrain's vLLM engine actor against bare `vllm.LLM.generate`, and learner -> engine weight
+sync against this machine's memory-copy bandwidth, measured in one run.
+
+    python bench/rollout_bench.py [--size tiny|small] [--prompts 64] [--n 8] [--max-tokens 128]
+                                  [--repeats 3] [--sync-repeats 5] [--bucket-mb 64] [--out runs/bench]
+
+Generation: the same arithmetic prompts (rendered by the model's chat template in thinking mode, as token ids),
+the same sampling parameters (n samples, temperature 1, a fixed seed per prompt, `ignore_eos` so every sample
+has `max_tokens` tokens) and the same vLLM arguments go to (a) a bare `vllm.LLM` in a Ray actor with the same
+CPU reservation, thread count and environment as posttrain's engine actor, timed around `LLM.generate` inside
+that actor, and (b) `RolloutGroup(num_engines=1).generate([RolloutRequest...])`, timed in this process (so it
+includes Ray's transfer of requests and results and posttrain's conversion). Both run one untimed call, then
+the timed repeats alternate between the two. Generated tokens/s = samples' tokens / seconds (median repeat).
+
+Weight sync: one DeepSpeed learner (ZeRO 0, started as the tests start it) -> that engine, with
+`sync_from_learners` and `stream_sync_from_learners`, with and without the logprob probe; effective GB/s =
+bytes the engine received / seconds, against `dst.copy_(src)` and `src.clone()` of a 256 MB fp32 tensor in
+this process. An instrumented replica of the same steps splits one sync into phases.
+
+Prints tables and ratios; writes `OUT/rollout_bench.json` (`OUT/rollout_bench-SIZE.json` too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+MEMCPY_MB = 256
+MEMCPY_REPEATS = 7
+PROBE_EXTRA_TOKENS = 32  # the probe: the first prompt plus this many sampled tokens
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--repeats", type=int, default=3, help="timed generation calls per side (after 1 warm-up)")
+    p.add_argument("--sync-repeats", type=int, default=5, help="timed syncs per variant (after 1 warm-up)")
+    p.add_argument("--bucket-mb", type=float, default=64, help="bucket size of every sync (the default)")
+    p.add_argument("--max-inflight", type=int, default=2, help="stream sync: buckets queued per engine")
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.05, help="on CPU: RAM fraction for KV")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs and threads per actor")
+    p.add_argument("--skip-generation", action="store_true")
+    p.add_argument("--skip-sync", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = p.parse_args()
+    if args.repeats < 1 or args.sync_repeats < 1:
+        p.error("--repeats and --sync-repeats must be at least 1")
+    return args
+
+
+def load_1m() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def prepare(out: Path, size: Literal["tiny", "small"]) -> Path:
+    from posttrain.tiny import build_tiny_model
+
+    model = out / f"model-{size}"
+    if not (model / "config.json").is_file():
+        build_tiny_model(model, "text", size)
+    return model
+
+
+def prompt_ids(model: Path, count: int) -> list[list[int]]:
+    """`count` arithmetic prompts as the chat template renders them for generation (thinking mode)."""
+    from transformers import AutoTokenizer
+
+    from posttrain.config import TinyTask
+    from posttrain.tasks import arithmetic_splits
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = arithmetic_splits(TinyTask(name="arithmetic", train_size=count, test_size=1))["train"]
+    out = []
+    for row in rows:
+        chat = [{"role": "user", "content": row["messages"][0]["content"]}]
+        enc: Any = tok.apply_chat_template(
+            chat, add_generation_prompt=True, enable_thinking=True, return_dict=True
+        )
+        out.append(list(enc["input_ids"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def llm_args(args: argparse.Namespace, model: Path, ours: dict[str, Any]) -> dict[str, Any]:
+    """What `RolloutEngine._setup` passes to `vllm.LLM` on a CPU with these engine options. The settings
+    posttrain chooses for itself (logprobs mode; on CPU, whole-prompt prefill and its batch budget) are
+    copied from the running posttrain engine `ours`; the resolved configs of both engines are compared at
+    run time."""
+    return {
+        "model": str(model),
+        "seed": 0,
+        "max_model_len": args.max_model_len,
+        "max_logprobs": 20,
+        "logprobs_mode": ours["logprobs_mode"],
+        "tensor_parallel_size": 1,
+        "enforce_eager": True,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "dtype": "float32",
+        "distributed_executor_backend": "uni",
+        "enable_chunked_prefill": ours["chunked_prefill"],
+        "max_num_batched_tokens": ours["max_num_batched_tokens"],
+        "max_num_seqs": ours["max_num_seqs"],
+    }
+
+
+def sampling_kwargs(req: Any) -> dict[str, Any]:
+    """The `vllm.SamplingParams` fields posttrain sets from a RolloutRequest (rollout/engine.py `_params`)."""
+    return {
+        "n": req.n,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "stop_token_ids": req.stop_token_ids,
+        "seed": req.seed,
+        "logprobs": req.logprobs,
+        "prompt_logprobs": req.prompt_logprobs,
+        "ignore_eos": req.ignore_eos,
+        "skip_special_tokens": True,
+    }
+
+
+class BareVLLM:
+    """A Ray actor holding nothing but `vllm.LLM` (in-process engine core, as posttrain's engine)."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self.llm = LLM(**args)
+
+    def generate(
+        self, prompts: list[list[int]], params: list[dict[str, Any]]
+    ) -> tuple[float, list[list[list[int]]]]:
+        """Seconds of `LLM.generate` alone, and each prompt's samples' token ids."""
+        from vllm import SamplingParams
+
+        inputs: Any = [{"prompt_token_ids": p} for p in prompts]
+        sampling = [SamplingParams(**kw) for kw in params]
+        t0 = time.perf_counter()
+        outs = self.llm.generate(inputs, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        return seconds, [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+
+
+def engine_summary(actor: Any) -> dict[str, Any]:
+    """The resolved vLLM settings that decide speed, and the actor's threads (runs inside either actor)."""
+    import torch
+
+    cfg = actor.llm.llm_engine.vllm_config
+    return {
+        "dtype": str(cfg.model_config.dtype),
+        "max_model_len": cfg.model_config.max_model_len,
+        "enforce_eager": cfg.model_config.enforce_eager,
+        "max_num_seqs": cfg.scheduler_config.max_num_seqs,
+        "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+        "chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
+        "kv_blocks": cfg.cache_config.num_gpu_blocks,
+        "block_size": cfg.cache_config.block_size,
+        "prefix_caching": cfg.cache_config.enable_prefix_caching,
+        "logprobs_mode": str(cfg.model_config.logprobs_mode),
+        "max_logprobs": cfg.model_config.max_logprobs,
+        "executor": str(cfg.parallel_config.distributed_executor_backend),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
+    }
+
+
+def bench_generation(
+    args: argparse.Namespace, model: Path, prompts: list[list[int]], engines: Any
+) -> dict[str, Any]:
+    from posttrain.rollout import RolloutRequest
+    from posttrain.workers import WorkerGroup
+
+    ours = engines.workers.run(engine_summary)[0]
+    bare = WorkerGroup(
+        BareVLLM,
+        1,
+        num_cpus=args.threads,
+        name="bare-vllm",
+        init_args=(llm_args(args, model, ours),),
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    try:
+        configs = {"bare": bare.run(engine_summary)[0], "posttrain": ours}
+        reqs = [
+            RolloutRequest(p, n=args.n, max_tokens=args.max_tokens, seed=i, ignore_eos=args.ignore_eos)
+            for i, p in enumerate(prompts)
+        ]
+        params = [sampling_kwargs(r) for r in reqs]
+        times: dict[str, list[float]] = {"bare": [], "bare_roundtrip": [], "posttrain": []}
+        tokens: dict[str, int] = {}
+        ids: dict[str, list[list[list[int]]]] = {}
+
+        def run_bare(timed: bool) -> None:
+            t0 = time.perf_counter()
+            seconds, out = bare.call("generate", prompts, params)[0]
+            roundtrip = time.perf_counter() - t0
+            ids["bare"], tokens["bare"] = out, sum(len(s) for o in out for s in o)
+            if timed:
+                times["bare"].append(seconds)
+                times["bare_roundtrip"].append(roundtrip)
+
+        def run_posttrain(timed: bool) -> None:
+            t0 = time.perf_counter()
+            results = engines.generate(reqs)
+            seconds = time.perf_counter() - t0
+            ids["posttrain"] = [[s.token_ids for s in r.samples] for r in results]
+            tokens["posttrain"] = sum(len(s) for o in ids["posttrain"] for s in o)
+            if timed:
+                times["posttrain"].append(seconds)
+
+        load = [load_1m()]
+        for rep in range(args.repeats + 1):  # rep 0: warm-up; the order alternates so drift hits both
+            order = [run_bare, run_posttrain] if rep % 2 == 0 else [run_posttrain, run_bare]
+            for fn in order:
+                fn(rep > 0)
+            load.append(load_1m())
+            print(
+                f"  generation repeat {rep}{' (warm-up)' if rep == 0 else ''}: bare "
+                f"{times['bare'][-1] if rep else float('nan'):.2f} s, posttrain "
+                f"{times['posttrain'][-1] if rep else float('nan'):.2f} s, load {load[-1]}",
+                flush=True,
+            )
+    finally:
+        bare.shutdown()
+    side: dict[str, dict[str, Any]] = {
+        k: {
+            "seconds": times[k],
+            "median_s": median(times[k]),
+            "tokens": tokens[k.removesuffix("_roundtrip")],
+            "tokens_per_s": tokens[k.removesuffix("_roundtrip")] / median(times[k]),
+        }
+        for k in times
+    }
+    return {
+        "prompts": len(prompts),
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "vllm_config": configs,
+        "configs_equal": configs["bare"] == configs["posttrain"],
+        "token_ids_equal": ids["bare"] == ids["posttrain"],
+        "bare": side["bare"],
+        "bare_roundtrip": side["bare_roundtrip"],
+        "posttrain": side["posttrain"],
+        "ratio_tokens_per_s": side["posttrain"]["tokens_per_s"] / side["bare"]["tokens_per_s"],
+        # Each repeat's two calls ran back to back: their ratios are less exposed to load drift.
+        "ratio_per_repeat": [b / p for b, p in zip(times["bare"], times["posttrain"], strict=True)],
+        "load_avg_1m": load,
+    }
+
+
+# ------------------------------------------------------------------------------------------ weight sync
+
+
+def memcpy_bandwidth(threads: int) -> dict[str, float]:
+    """GB/s (bytes copied / s, 1 GB = 1e9 B) of `dst.copy_(src)` and `src.clone()`, median of repeats."""
+    import torch
+
+    torch.set_num_threads(threads)
+    src = torch.randn(MEMCPY_MB * 2**20 // 4)
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * 4
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()  # warm-up (page faults of `dst`)
+        ts = []
+        for _ in range(MEMCPY_REPEATS):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return median(ts)
+
+    copy_s = timed(lambda: dst.copy_(src))
+    clone_s = timed(lambda: src.clone())
+    return {
+        "mb": MEMCPY_MB,
+        "copy_s": copy_s,
+        "copy_gb_s": nbytes / copy_s / 1e9,
+        "clone_s": clone_s,
+        "clone_gb_s": nbytes / clone_s / 1e9,
+    }
+
+
+def learner_config(args: argparse.Namespace, model: Path) -> Any:
+    from posttrain.config import validate
+
+    return validate(
+        "sft",
+        {
+            "output_dir": str(args.out / f"rollout-learner-{args.size}"),
+            "model": {"path": str(model), "dtype": "float32"},
+            "data": {"train": [{"path": str(args.out / "arithmetic")}]},  # not read: no training here
+            "learners": {
+                "num_learners": 1,
+                "zero_stage": 0,
+                "device": "cpu",
+                "cpus_per_learner": args.threads,
+            },
+            "logging": {"progress": False},
+        },
+    )
+
+
+def learner_phases(learner: Any, bucket_mb: float) -> tuple[dict[str, float], list[Any], Any]:
+    """Inside the learner: what `learner_weight_buckets` does, one step at a time."""
+    from posttrain.rollout import SyncManifest, module_state_buckets
+    from posttrain.rollout.weight_sync import put_bucket
+
+    t0 = time.perf_counter()
+    buckets = list(module_state_buckets(learner.engine.module, bucket_mb, gather=False, copy=False))
+    t1 = time.perf_counter()
+    manifest = SyncManifest()
+    for bucket in buckets:
+        for name, t in bucket:
+            manifest.add(name, t)
+    t2 = time.perf_counter()
+    refs = [put_bucket(b) for b in buckets]
+    t3 = time.perf_counter()
+    return (
+        {"learner_gather_s": t1 - t0, "learner_checksum_s": t2 - t1, "learner_put_s": t3 - t2},
+        refs,
+        manifest,
+    )
+
+
+def _timed_reload(worker: Any, refs: list[Any]) -> tuple[dict[str, float], dict[str, float], int]:
+    """`rollout.engine._reload_from_buckets` with clocks: fetch and checksum inside the weight iterator,
+    the rest of `reload_weights` is vLLM's."""
+    import ray
+
+    from posttrain.rollout import tensor_checksum
+    from posttrain.rollout.weight_sync import unpack_bucket
+
+    seen: dict[str, float] = {}
+    clock = {"fetch": 0.0, "checksum": 0.0}
+    nbytes = 0
+
+    def stream() -> Any:
+        nonlocal nbytes
+        for ref in refs:
+            t0 = time.perf_counter()
+            bucket = unpack_bucket(ray.get(ref))
+            clock["fetch"] += time.perf_counter() - t0
+            for name, tensor in bucket:
+                t0 = time.perf_counter()
+                seen[name] = tensor_checksum(tensor)
+                clock["checksum"] += time.perf_counter() - t0
+                nbytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+            del bucket
+
+    t0 = time.perf_counter()
+    worker.reload_weights(weights_iterator=stream())
+    total = time.perf_counter() - t0
+    return (
+        {
+            "engine_fetch_s": clock["fetch"],
+            "engine_checksum_s": clock["checksum"],
+            "engine_vllm_reload_s": total - clock["fetch"] - clock["checksum"],
+        },
+        seen,
+        nbytes,
+    )
+
+
+def engine_phases(engine: Any, refs: list[Any], manifest: Any, probe: Any) -> dict[str, float]:
+    """Inside the engine: what `RolloutEngine.update_weights` does, one step at a time (same weights)."""
+    t0 = time.perf_counter()
+    phases, seen, nbytes = engine.llm.collective_rpc(_timed_reload, args=(refs,))[0]
+    engine.llm.reset_prefix_cache()
+    t1 = time.perf_counter()
+    problem = manifest.compare(seen)
+    t2 = time.perf_counter()
+    err = engine._check_probe(engine.version, probe)
+    t3 = time.perf_counter()
+    assert problem is None and nbytes == manifest.nbytes, problem
+    assert err <= probe.atol, err
+    return {
+        **phases,
+        "engine_rpc_other_s": (t1 - t0) - sum(phases.values()),
+        "engine_compare_s": t2 - t1,
+        "engine_probe_s": t3 - t2,
+    }
+
+
+def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: list[int]) -> dict[str, Any]:
+    from posttrain import runs
+    from posttrain.rollout import learner_probe, stream_sync_from_learners, sync_from_learners
+
+    memcpy = memcpy_bandwidth(args.threads)
+    print(
+        f"  memcpy {memcpy['copy_gb_s']:.2f} GB/s, clone {memcpy['clone_gb_s']:.2f} GB/s, load {load_1m()}",
+        flush=True,
+    )
+    learners = runs.start_learners(learner_config(args, model), str(model), False, total_steps=1)
+    load = [load_1m()]
+    version = 0
+    variants: dict[str, dict[str, Any]] = {}
+    try:
+        calls: dict[str, Callable[[int], list[dict[str, Any]]]] = {
+            "sync": lambda v: sync_from_learners(learners, engines, v, args.bucket_mb),
+            "sync+probe": lambda v: sync_from_learners(learners, engines, v, args.bucket_mb, probe_ids),
+            "stream": lambda v: stream_sync_from_learners(
+                learners, engines, v, args.bucket_mb, args.max_inflight
+            ),
+            "stream+probe": lambda v: stream_sync_from_learners(
+                learners, engines, v, args.bucket_mb, args.max_inflight, probe_ids
+            ),
+        }
+        for name, call in calls.items():
+            seconds, reports = [], []
+            for rep in range(args.sync_repeats + 1):
+                version += 1
+                t0 = time.perf_counter()
+                reports = call(version)
+                if rep:
+                    seconds.append(time.perf_counter() - t0)
+            nbytes = int(reports[0]["bytes"])
+            s = median(seconds)
+            variants[name] = {
+                "seconds": seconds,
+                "median_s": s,
+                "bytes": nbytes,
+                "tensors": reports[0]["tensors"],
+                "gb_s": nbytes / s / 1e9,
+                "ratio_to_memcpy": nbytes / s / 1e9 / memcpy["copy_gb_s"],
+                "probe_max_abs": reports[0].get("probe_max_abs"),
+            }
+            load.append(load_1m())
+            print(f"  {name}: median {s * 1e3:.1f} ms, load {load[-1]}", flush=True)
+
+        # Phases of one sync+probe, by an instrumented replica of the same steps.
+        rows: list[dict[str, float]] = []
+        for rep in range(args.sync_repeats + 1):
+            t0 = time.perf_counter()
+            learner_side, refs, manifest = learners.run(learner_phases, args.bucket_mb)[0]
+            t1 = time.perf_counter()
+            probe = learner_probe(learners, probe_ids)
+            t2 = time.perf_counter()
+            engine_side = engines.workers.run(engine_phases, refs, manifest, probe)[0]
+            t3 = time.perf_counter()
+            row = {
+                **learner_side,
+                "learner_call_other_s": (t1 - t0) - sum(learner_side.values()),
+                "learner_probe_s": t2 - t1,
+                **engine_side,
+                "engine_call_other_s": (t3 - t2) - sum(engine_side.values()),
+                "total_s": t3 - t0,
+            }
+            if rep:
+                rows.append(row)
+        phases = {k: median([r[k] for r in rows]) for k in rows[0]}
+        load.append(load_1m())
+    finally:
+        learners.shutdown()
+    return {
+        "memcpy": memcpy,
+        "bucket_mb": args.bucket_mb,
+        "max_inflight": args.max_inflight,
+        "probe_tokens": len(probe_ids),
+        "variants": variants,
+        "phases_sync_probe": phases,
+        "load_avg_1m": load,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+
+def report_generation(g: dict[str, Any], args: argparse.Namespace) -> None:
+    print(
+        f"\nGeneration: {g['prompts']} prompts ({g['prompt_tokens']} prompt tokens) × n={args.n} × "
+        f"{args.max_tokens} tokens, ignore_eos {args.ignore_eos}; vLLM configs equal {g['configs_equal']}, "
+        f"token ids equal {g['token_ids_equal']}"
+    )
+    print(f"{'side':<40} {'median s':>9} {'tokens':>7} {'tokens/s':>9}")
+    for key, label in (
+        ("bare", "bare vllm.LLM.generate (timed in actor)"),
+        ("bare_roundtrip", "  (same call, timed here: + Ray)"),
+        ("posttrain", "posttrain RolloutGroup.generate"),
+    ):
+        r = g[key]
+        print(f"{label:<40} {r['median_s']:>9.3f} {r['tokens']:>7} {r['tokens_per_s']:>9.0f}")
+    per = ", ".join(f"{r:.3f}" for r in g["ratio_per_repeat"])
+    print(f"ratio posttrain/bare tokens/s = {g['ratio_tokens_per_s']:.3f}× (goal ≥ 0.95×); per repeat {per}")
+
+
+def report_sync(s: dict[str, Any]) -> None:
+    m = s["memcpy"]
+    first = next(iter(s["variants"].values()))
+    print(
+        f"\nWeight sync: {first['bytes'] / 1e6:.1f} MB in {first['tensors']} tensors, bucket {s['bucket_mb']} MB, "
+        f"probe {s['probe_tokens']} tokens; memcpy (copy_) {m['copy_gb_s']:.2f} GB/s, clone {m['clone_gb_s']:.2f} GB/s"
+    )
+    print(f"{'variant':<14} {'median ms':>10} {'GB/s':>7} {'/memcpy':>8}")
+    for name, v in s["variants"].items():
+        print(f"{name:<14} {v['median_s'] * 1e3:>10.1f} {v['gb_s']:>7.3f} {v['ratio_to_memcpy']:>8.1%}")
+    print("phases of one sync+probe (instrumented replica, medians):")
+    for k, v in s["phases_sync_probe"].items():
+        print(f"  {k:<24} {v * 1e3:>9.1f} ms")
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from posttrain.rollout import RolloutGroup, RolloutRequest
+    from posttrain.workers import init_ray
+
+    model = prepare(args.out, args.size)
+    prompts = prompt_ids(model, args.prompts)
+    load = {"before": load_1m()}
+    init_ray(None, num_cpus=3 * args.threads)  # bare engine, posttrain engine, learner: one at a time busy
+    engines = RolloutGroup(
+        str(model),
+        1,
+        num_cpus=args.threads,
+        name="rollout-bench",
+        seed=0,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    summary: dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        if not args.skip_generation:
+            summary["generation"] = bench_generation(args, model, prompts, engines)
+        if not args.skip_sync:
+            req = RolloutRequest(prompts[0], max_tokens=PROBE_EXTRA_TOKENS, seed=0, ignore_eos=True)
+            sampled = engines.generate([req])[0].samples[0].token_ids
+            summary["sync"] = bench_sync(args, model, engines, prompts[0] + sampled)
+    finally:
+        engines.shutdown()
+    load["after"] = load_1m()
+    summary["load_avg_1m"] = load
+
+    print(
+        f"\nRollout bench: {args.size} model, {args.threads} threads per actor; 1-min load average "
+        f"before/after {load['before']}/{load['after']} (the run itself adds ~{args.threads})"
+    )
+    if "generation" in summary:
+        report_generation(summary["generation"], args)
+    if "sync" in summary:
+        report_sync(summary["sync"])
+    text = json.dumps(summary, indent=2) + "\n"
+    (args.out / "rollout_bench.json").write_text(text)
+    (args.out / f"rollout_bench-{args.size}.json").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
