@@ -17,7 +17,7 @@ Weight sync: one DeepSpeed learner (ZeRO 0, started as the tests start it) -> th
 bytes the engine received / seconds, against `dst.copy_(src)` and `src.clone()` of a 256 MB fp32 tensor in
 this process. An instrumented replica of the same steps splits one sync into phases.
 
-Prints tables and ratios; writes `OUT/rollout_bench.json` (`OUT/rollout_bench-SIZE.json` too).
+Prints tables and ratios; writes them to `OUT/rollout_bench.json` under the model size's key.
 """
 
 from __future__ import annotations
@@ -562,9 +562,13 @@ def main() -> None:
         report_generation(summary["generation"], args)
     if "sync" in summary:
         report_sync(summary["sync"])
-    text = json.dumps(summary, indent=2) + "\n"
-    (args.out / "rollout_bench.json").write_text(text)
-    (args.out / f"rollout_bench-{args.size}.json").write_text(text)
+    path = args.out / "rollout_bench.json"  # one entry per model size: runs of both sizes share the file
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    results[args.size] = summary
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
