@@ -279,7 +279,14 @@ class Learner:
         return {"total": total, "trainable": trainable}
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",  # packed rows restart positions per sample: the only sample boundary the model sees
+    "pixel_values",
+    "image_grid_thw",
+    "mm_token_type_ids",
+)
 """Batch keys the model's forward takes; the rest of an RL batch feeds the objective."""
 
 
