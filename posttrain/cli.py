@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "sft", "supervised fine-tuning (thinking and non-thinking formats, LoRA or full)")
     _stage_parser(sub, "distill", "strong-to-weak distillation (offline top-k store, online, on/off-policy)")
     _stage_parser(sub, "rl", "reinforcement learning with verifiable rewards (GRPO, DAPO, GSPO, SAPO, ...)")
+    _stage_parser(sub, "pipeline", "SFT → distillation → RL in one file, exporting instruct/ and thinking/")
     tiny = sub.add_parser("make-tiny-model", help="build a tiny random Qwen3 / Qwen3-VL with its tokenizer")
     tiny.add_argument("dir")
     tiny.add_argument("--kind", choices=["text", "vl"], default="text")

@@ -257,11 +257,21 @@ STAGES: dict[str, str] = {
 """Stage name -> its config class, imported on use (stage configs live beside their drivers)."""
 
 
-def stage_model(stage: str) -> type[TrainingStage]:
+COMMANDS: dict[str, str] = {**STAGES, "pipeline": "posttrain.pipeline.config:PipelineConfig"}
+"""Every command that reads a config file -> its config class."""
+
+
+def config_model(command: str) -> type[BaseModel]:
     import importlib
 
-    module, _, name = STAGES[stage].partition(":")
-    model: type[TrainingStage] = getattr(importlib.import_module(module), name)
+    module, _, name = COMMANDS[command].partition(":")
+    model: type[BaseModel] = getattr(importlib.import_module(module), name)
+    return model
+
+
+def stage_model(stage: str) -> type[TrainingStage]:
+    model = config_model(stage)
+    assert issubclass(model, TrainingStage), f"{stage} is not a training stage"
     return model
 
 
@@ -342,16 +352,16 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
     return "\n".join(lines)
 
 
-def validate(stage: str, raw: dict[str, Any], source: str = "<dict>") -> Any:
-    model = stage_model(stage)
+def validate(command: str, raw: dict[str, Any], source: str = "<dict>") -> Any:
+    model = config_model(command)
     try:
         return model.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, model, source)) from None
 
 
-def load_config(stage: str, path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Read YAML `path`, apply dotted `overrides`, validate as the `stage` config."""
+def load_config(command: str, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Read YAML `path`, apply dotted `overrides`, validate as the `command`'s config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -362,7 +372,7 @@ def load_config(stage: str, path: str | Path, overrides: list[str] | None = None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     raw = deep_merge(raw, parse_overrides(overrides or []))
-    return validate(stage, raw, str(path))
+    return validate(command, raw, str(path))
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:

@@ -79,8 +79,20 @@ def _addition_rows(
     raise ValueError(f"could not draw {n} distinct {digits}-digit addition problems; lower the split size")
 
 
+def carries(a: int, b: int) -> int:
+    """Columns of a + b that carry."""
+    count, carry = 0, 0
+    while a or b:
+        carry = (a % 10 + b % 10 + carry) // 10
+        count += carry
+        a, b = a // 10, b // 10
+    return count
+
+
 def arithmetic_splits(task: TinyTask) -> dict[str, list[Row]]:
-    """train/test mix 1–3 digits and share no problem; test_hard has 4–5 digits."""
+    """train/test mix 1–3 digits and share no problem. test_hard: held-out 3-digit problems with at least
+    two carries (in the trained range, where working through the columns pays); test_long: 4–5 digits
+    (lengths never trained on)."""
     s = task.seed
     return {
         "train": _addition_rows(
@@ -94,7 +106,14 @@ def arithmetic_splits(task: TinyTask) -> dict[str, list[Row]]:
             random.Random(f"{s}:test"), task.test_size, (1, 2, 3), lambda a, b: _held_out(a, b, s), True
         ),
         "test_hard": _addition_rows(
-            random.Random(f"{s}:test_hard"), task.test_size, (4, 5), lambda a, b: True, True
+            random.Random(f"{s}:test_hard"),
+            task.test_size,
+            (3,),
+            lambda a, b: _held_out(a, b, s) and carries(a, b) >= 2,
+            True,
+        ),
+        "test_long": _addition_rows(
+            random.Random(f"{s}:test_long"), task.test_size, (4, 5), lambda a, b: True, True
         ),
     }
 

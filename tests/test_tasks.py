@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import DatasetSpec, TinyTask
-from posttrain.tasks import ensure_dataset, write_task
+from posttrain.tasks import carries, ensure_dataset, write_task
 
 ARITH = TinyTask(name="arithmetic", train_size=600, test_size=100, seed=3)
 SHAPES = TinyTask(name="shapes", train_size=40, test_size=20, seed=3)
@@ -55,8 +55,8 @@ def check_trace(trace: str, a: int, b: int) -> None:
 
 def test_arithmetic_splits(arith: Path) -> None:
     data = load(arith)
-    assert {s: len(d) for s, d in data.items()} == {"train": 600, "test": 100, "test_hard": 100}
-    for split, digits in (("train", {1, 2, 3}), ("test", {1, 2, 3}), ("test_hard", {4, 5})):
+    assert {s: len(d) for s, d in data.items()} == {"train": 600, "test": 100, "test_hard": 100, "test_long": 100}
+    for split, digits in (("train", {1, 2, 3}), ("test", {1, 2, 3}), ("test_hard", {3}), ("test_long", {4, 5})):
         assert set(data[split]["difficulty"]) == digits
         for row in data[split]:
             a, b = operands(row)
@@ -68,6 +68,8 @@ def test_arithmetic_splits(arith: Path) -> None:
     train = {operands(r) for r in data["train"]}
     test = [operands(r) for r in data["test"]]
     assert not train & set(test) and len(set(test)) == len(test)
+    hard = [operands(r) for r in data["test_hard"]]
+    assert not train & set(hard) and all(carries(a, b) >= 2 for a, b in hard)
 
 
 def test_shapes_images_match_answers(shapes: Path) -> None:
