@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml tools/torchvision_cpu.py
 	touch $@
 
 demo: setup
-	$(VENV)/bin/posttrain sft configs/tiny/sft.yaml
+	$(VENV)/bin/posttrain pipeline configs/tiny/pipeline.yaml
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -34,3 +34,4 @@ check: lint typecheck
 bench: setup
 	$(PY) bench/sft_bench.py
 	$(PY) bench/rollout_bench.py
+	$(PY) bench/distill_bench.py
