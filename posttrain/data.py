@@ -38,6 +38,9 @@ ROLES = ("system", "user", "assistant")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END_OF_TURN = "<|im_end|>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+"""What `enable_thinking=False` appends to the generation prompt: a non-thinking answer's prompt, not its
+target, or the model learns to skip thinking by itself in thinking mode."""
 VL_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 THINK_RE = re.compile(r"\s*<think>(.*?)</think>", re.S)
 MAX_REASONS = 5  # skipped-row reasons kept for the log and stats
@@ -421,8 +424,11 @@ def render(sample: Sample, processing: Any, is_vl: bool, add_generation_prompt: 
     )
 
 
-def assistant_spans(ids: list[int], header: list[int], end_id: int) -> list[tuple[int, int]]:
-    """[start, end) of each assistant response: from after `header` through its end-of-turn token."""
+def assistant_spans(
+    ids: list[int], header: list[int], end_id: int, empty_think: list[int] | None = None
+) -> list[tuple[int, int]]:
+    """[start, end) of each assistant response: from after `header` (and an `empty_think` block right
+    after it) through its end-of-turn token."""
     spans: list[tuple[int, int]] = []
     i = -1
     while True:
@@ -432,6 +438,8 @@ def assistant_spans(ids: list[int], header: list[int], end_id: int) -> list[tupl
             return spans
         if ids[i : i + len(header)] == header:
             start = i + len(header)
+            if empty_think and ids[start : start + len(empty_think)] == empty_think:
+                start += len(empty_think)
             i = ids.index(end_id, start) if end_id in ids[start:] else len(ids) - 1
             spans.append((start, i + 1))
 
@@ -464,7 +472,8 @@ def encode_sample(
     else:
         ids = tok(text, add_special_tokens=False)["input_ids"]
     header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
-    spans = assistant_spans(ids, header, tok.convert_tokens_to_ids(END_OF_TURN))
+    empty_think = tok.encode(EMPTY_THINK, add_special_tokens=False)
+    spans = assistant_spans(ids, header, tok.convert_tokens_to_ids(END_OF_TURN), empty_think)
     if not spans:
         raise DataError(
             f"{sample.origin} row {sample.row}: the chat template produced no {ASSISTANT_HEADER!r}…{END_OF_TURN} "

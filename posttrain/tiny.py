@@ -47,8 +47,13 @@ CHAT_TEMPLATE = """\
 {%- for message in messages -%}
 {%- if message.role == 'assistant' -%}
 {{- '<|im_start|>assistant\\n' -}}
+{%- set reasoning = (message.reasoning_content or '') | trim -%}
+{#- A non-thinking answer's empty think block is prompt, as enable_thinking=false generates it: a model
+    trained on it never learns to skip thinking by itself. -#}
+{%- if not reasoning -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}
 {%- generation -%}
-{{- '<think>\\n' + (message.reasoning_content or '') | trim + '\\n</think>\\n\\n' + render(message.content) + '<|im_end|>' -}}
+{%- if reasoning -%}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' -}}{%- endif -%}
+{{- render(message.content) + '<|im_end|>' -}}
 {%- endgeneration -%}
 {{- '\\n' -}}
 {%- else -%}

@@ -166,7 +166,7 @@ def test_labels_cover_only_assistant_responses(tmp_path: Path, tok: Any) -> None
     (sample,) = samples_of(tmp_path, [{"messages": messages}])
     item, _ = encode_sample(sample, tok, False, 256)
     assert decode_labels(tok, item.labels) == (
-        "<think>\none and one\n</think>\n\n2<|im_end|><think>\n\n</think>\n\n5<|im_end|>"
+        "<think>\none and one\n</think>\n\n2<|im_end|>5<|im_end|>"  # an empty think block is prompt
     )
     # Same mask as the template's own {% generation %} blocks (which also cover nothing after <|im_end|>).
     reference = tok.apply_chat_template(
