@@ -55,8 +55,18 @@ def check_trace(trace: str, a: int, b: int) -> None:
 
 def test_arithmetic_splits(arith: Path) -> None:
     data = load(arith)
-    assert {s: len(d) for s, d in data.items()} == {"train": 600, "test": 100, "test_hard": 100, "test_long": 100}
-    for split, digits in (("train", {1, 2, 3}), ("test", {1, 2, 3}), ("test_hard", {3}), ("test_long", {4, 5})):
+    assert {s: len(d) for s, d in data.items()} == {
+        "train": 600,
+        "test": 100,
+        "test_hard": 100,
+        "test_long": 100,
+    }
+    for split, digits in (
+        ("train", {1, 2, 3}),
+        ("test", {1, 2, 3}),
+        ("test_hard", {3}),
+        ("test_long", {4, 5}),
+    ):
         assert set(data[split]["difficulty"]) == digits
         for row in data[split]:
             a, b = operands(row)

@@ -99,10 +99,13 @@ def test_assistant_mask_is_exactly_the_assistant_spans(tok) -> None:
         elif not m and start is not None:
             spans.append(tok.decode(ids[start:i]))
             start = None
-    assert spans == [
-        THINKING.split("assistant\n")[1].removesuffix("\n"),
-        "2<|im_end|>",  # a non-thinking answer's empty think block is prompt, as enable_thinking=False makes it
-    ]
+    assert (
+        spans
+        == [
+            THINKING.split("assistant\n")[1].removesuffix("\n"),
+            "2<|im_end|>",  # a non-thinking answer's empty think block is prompt, as enable_thinking=False makes it
+        ]
+    )
 
 
 @pytest.mark.parametrize("thinking", [True, False])
