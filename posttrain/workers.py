@@ -8,6 +8,7 @@ teardown that cannot turn a finished run into a failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -28,6 +29,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": _ds_accelerator()}}
     if address:
+        # Under `ray job submit` (RAY_ADDRESS is the job's cluster) Ray refuses to merge a variable that the
+        # job's runtime env sets too: the job's value wins.
+        job_vars = _job_env_vars()
+        env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in job_vars}
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     ray.init(
@@ -38,6 +43,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+
+
+def _job_env_vars() -> dict[str, str]:
+    """`env_vars` of the runtime env `ray job submit` gave this driver (empty outside a job)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return dict((job.get("runtime_env") or {}).get("env_vars") or {})
 
 
 def _loopback_only() -> None:
