@@ -86,11 +86,14 @@ def ray_head() -> Iterator[Head]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` tears its node down on SIGTERM
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)  # its graceful teardown can take 30 s; the group kill below is as clean
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-        _, alive = psutil.wait_procs(tree, timeout=30)
+        for p in tree:  # what outlives the head (e.g. processes in the job's own session) is stopped too
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=5)
         for p in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
