@@ -373,8 +373,8 @@ def test_distilled_student_beats_sft_only_at_equal_steps(tmp_path: Path) -> None
     """configs/tiny/distill.yaml as shipped: the hybrid teacher answers the training prompts in both modes
     (kept when exact-match correct) and the micro student is SFT'd on those answers; the SFT-only student
     (same micro model, seed, prompts, steps and optimizer) trains on the dataset's own answers in both
-    modes. Both are evaluated on the same held-out problems in thinking mode. Measured at 500 steps on the
-    full prompt set: distilled 0.97, SFT-only 0.825."""
+    modes. Both are evaluated on the same held-out problems in thinking mode. Measured at 500 steps: distilled
+    0.97, SFT-only 0.82 (5,264 of 8,000 teacher answers kept)."""
     from posttrain.config import TinyTask
     from posttrain.tasks import write_task
 
