@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from trl_matched import BETAS, GRAD_CLIP, trl_optimizer_args  # bench/ is on sys.path when run
+
 WARMUP_STEPS = 2
 LR = 3e-3  # configs/tiny/distill.yaml's peak learning rate, here constant
-BETAS = (0.9, 0.95)  # posttrain's default; TRL's adam_beta2 is set to match
-GRAD_CLIP = 1.0
 CLOCK = "bench/clock"  # perf_counter() at each metrics record, added by the posttrain child process
 DIFFERENCES = [
     "teacher distribution: posttrain trains on the teacher's top-k + one tail bucket (offline from files, "
@@ -295,17 +295,7 @@ def trl_config(args: argparse.Namespace) -> Any:
         temperature=1.0,  # only used for sampling, which lmbda=0 never does; the loss is at temperature 1
         max_new_tokens=128,  # unused with lmbda=0
         train_sampling_strategy="sequential",  # the rows come in posttrain's order
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch",
-        adam_beta1=BETAS[0],
-        adam_beta2=BETAS[1],
-        weight_decay=0.0,
-        max_grad_norm=GRAD_CLIP,
-        bf16=False,
-        gradient_checkpointing=False,  # TRL turns it on by default; posttrain's default is off
-        use_cpu=True,
+        **trl_optimizer_args(LR),
         max_length=None,  # posttrain already applied data.max_length
         disable_dropout=True,
         report_to="none",

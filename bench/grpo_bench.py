@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from trl_matched import BETAS, GRAD_CLIP, trl_optimizer_args  # bench/ is on sys.path when run
+
 WARMUP_STEPS = 1
 TRAIN_ROWS = 4000  # the same task folder as bench/sft_bench.py (it is shared when both use one --out)
 TEST_ROWS = 1
 LR = 1e-4
-BETAS = (0.9, 0.95)  # posttrain's default; TRL's adam_beta2 is set to match
-GRAD_CLIP = 1.0
 CLIP_EPS = 0.2  # PPO clip range, both sides
 CHECK_ROWS = 8  # prompts whose token ids are compared between the two pipelines
 PHASES = ("generate", "reward", "train", "sync", "other")
@@ -265,17 +265,7 @@ def trl_config(args: argparse.Namespace) -> Any:
         loss_type="grpo",  # token mean per sequence, then mean over sequences (posttrain's grpo aggregation)
         scale_rewards="group",  # (r - group mean) / group std, as posttrain's grpo advantage
         mask_truncated_completions=False,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch",
-        adam_beta1=BETAS[0],
-        adam_beta2=BETAS[1],
-        weight_decay=0.0,
-        max_grad_norm=GRAD_CLIP,
-        bf16=False,
-        gradient_checkpointing=False,  # TRL turns it on by default; posttrain's default is off
-        use_cpu=True,
+        **trl_optimizer_args(LR),
         chat_template_kwargs={"enable_thinking": True},  # posttrain's `thinking: thinking` rendering
         report_to="none",
         save_strategy="no",
