@@ -77,6 +77,9 @@ class TinyTask(Strict):
     """Rows in each held-out split."""
     seed: int = 0
     """Generation seed."""
+    shortcut_fraction: float = Field(0.0, ge=0, le=1)
+    """Fraction of train rows whose reasoning skips the working and keeps only its conclusion (`answer
+    N`, `N shapes.`): an SFT set that rarely shows its work, for a weak start that RL can improve."""
 
 
 class DatasetSpec(Strict):

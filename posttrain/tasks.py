@@ -89,18 +89,28 @@ def carries(a: int, b: int) -> int:
     return count
 
 
+def shortcut(rows: list[Row], task: TinyTask, conclusion: Callable[[str], str]) -> list[Row]:
+    """`rows` with a stable-hash-chosen `task.shortcut_fraction` of them reasoning only `conclusion(...)`;
+    the problems themselves stay those of the full set."""
+    for i, row in enumerate(rows):
+        if zlib.crc32(f"{task.seed}:shortcut:{i}".encode()) % 10_000 < task.shortcut_fraction * 10_000:
+            answer = row["messages"][-1]
+            answer["reasoning_content"] = conclusion(answer["reasoning_content"])
+    return rows
+
+
 def arithmetic_splits(task: TinyTask) -> dict[str, list[Row]]:
     """train/test mix 1–3 digits and share no problem. test_hard: held-out 3-digit problems with at least
     two carries (in the trained range, where working through the columns pays); test_long: 4–5 digits
     (lengths never trained on)."""
     s = task.seed
     return {
-        "train": _addition_rows(
-            random.Random(f"{s}:train"),
-            task.train_size,
-            (1, 2, 3),
-            lambda a, b: not _held_out(a, b, s),
-            False,
+        "train": shortcut(
+            _addition_rows(
+                random.Random(f"{s}:train"), task.train_size, (1, 2, 3), lambda a, b: not _held_out(a, b, s), False
+            ),
+            task,
+            lambda trace: trace.splitlines()[-1],
         ),
         "test": _addition_rows(
             random.Random(f"{s}:test"), task.test_size, (1, 2, 3), lambda a, b: _held_out(a, b, s), True
@@ -185,7 +195,9 @@ def _shape_rows(rng: random.Random, n: int) -> list[Row]:
 def shapes_splits(task: TinyTask) -> dict[str, list[Row]]:
     s = task.seed
     return {
-        "train": _shape_rows(random.Random(f"{s}:train"), task.train_size),
+        "train": shortcut(
+            _shape_rows(random.Random(f"{s}:train"), task.train_size), task, lambda seen: seen.rsplit(". ", 1)[-1]
+        ),
         "test": _shape_rows(random.Random(f"{s}:test"), task.test_size),
     }
 

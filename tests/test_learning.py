@@ -65,9 +65,8 @@ def run_rl(config: str, tmp_path: Path, *overrides: str) -> dict[int, float]:
 
 
 def test_tiny_rl_improves_a_weak_sft_checkpoint(tmp_path: Path) -> None:
-    """Measured on 2 cores: 0.215 → 0.32 at step 50, 0.305 at step 60 (the issue's goal, +0.15, is not
-    reached yet). Other settings and seeds gained +0.035 to +0.105, so this guards a margin below that:
-    RL trajectories differ with the CPU's floating-point paths."""
-    acc = run_rl("configs/tiny/rl.yaml", tmp_path)
+    """Measured on 2 cores: 0.12 → 0.36 @10, 0.505 @20, 0.65 @30 (0.67 @40 as shipped). The margin is
+    well below that: RL trajectories differ with the CPU's floating-point paths."""
+    acc = run_rl("configs/tiny/rl.yaml", tmp_path, "train.max_steps=30")
     print("eval/accuracy by step:", acc)
-    assert max(acc.values()) - acc[0] >= 0.04 and acc[max(acc)] >= acc[0]
+    assert acc[30] - acc[0] >= 0.3
