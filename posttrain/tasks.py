@@ -107,7 +107,11 @@ def arithmetic_splits(task: TinyTask) -> dict[str, list[Row]]:
     return {
         "train": shortcut(
             _addition_rows(
-                random.Random(f"{s}:train"), task.train_size, (1, 2, 3), lambda a, b: not _held_out(a, b, s), False
+                random.Random(f"{s}:train"),
+                task.train_size,
+                (1, 2, 3),
+                lambda a, b: not _held_out(a, b, s),
+                False,
             ),
             task,
             lambda trace: trace.splitlines()[-1],
@@ -196,7 +200,9 @@ def shapes_splits(task: TinyTask) -> dict[str, list[Row]]:
     s = task.seed
     return {
         "train": shortcut(
-            _shape_rows(random.Random(f"{s}:train"), task.train_size), task, lambda seen: seen.rsplit(". ", 1)[-1]
+            _shape_rows(random.Random(f"{s}:train"), task.train_size),
+            task,
+            lambda seen: seen.rsplit(". ", 1)[-1],
         ),
         "test": _shape_rows(random.Random(f"{s}:test"), task.test_size),
     }

@@ -105,6 +105,7 @@ def test_pipeline_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
                     "init_from_sft=null",
                     "data.prompts=[{path: runs/data/arithmetic, split: train, thinking: thinking},"
                     " {path: runs/data/arithmetic, split: train, thinking: non_thinking}]",
+                    "data.eval.path=runs/data/arithmetic",
                     "train.max_steps=2",
                     "train.prompts_per_step=4",
                     "rollout.samples_per_prompt=4",
