@@ -67,9 +67,9 @@ def run_rl(config: str, tmp_path: Path, *overrides: str) -> dict[int, float]:
 def test_tiny_rl_improves_a_weak_sft_checkpoint(tmp_path: Path) -> None:
     """Measured on 2 cores: 0.12 → 0.36 @10, 0.505 @20, 0.65 @30 (0.67 @40 as shipped). The margin is
     well below that: RL trajectories differ with the CPU's floating-point paths."""
-    acc = run_rl("configs/tiny/rl.yaml", tmp_path, "train.max_steps=30")
+    acc = run_rl("configs/tiny/rl.yaml", tmp_path, "train.max_steps=20")
     print("eval/accuracy by step:", acc)
-    assert acc[30] - acc[0] >= 0.3
+    assert acc[20] - acc[0] >= 0.25
 
 
 def test_tiny_vl_rl_improves_a_weak_sft_checkpoint(tmp_path: Path) -> None:
