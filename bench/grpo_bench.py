@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--posttrain-cpus",
         type=int,
-        default=os.cpu_count() or 1,
+        default=len(os.sched_getaffinity(0)),
         help="threads of posttrain's engine and of its learner, each (default: all cores, as TRL gets; "
         "they take turns in sync mode, but overlap and contend with --async-rollout)",
     )
