@@ -89,32 +89,18 @@ def carries(a: int, b: int) -> int:
     return count
 
 
-def shortcut(rows: list[Row], task: TinyTask, conclusion: Callable[[str], str]) -> list[Row]:
-    """`rows` with a stable-hash-chosen `task.shortcut_fraction` of them reasoning only `conclusion(...)`;
-    the problems themselves stay those of the full set."""
-    for i, row in enumerate(rows):
-        if zlib.crc32(f"{task.seed}:shortcut:{i}".encode()) % 10_000 < task.shortcut_fraction * 10_000:
-            answer = row["messages"][-1]
-            answer["reasoning_content"] = conclusion(answer["reasoning_content"])
-    return rows
-
-
 def arithmetic_splits(task: TinyTask) -> dict[str, list[Row]]:
     """train/test mix 1–3 digits and share no problem. test_hard: held-out 3-digit problems with at least
     two carries (in the trained range, where working through the columns pays); test_long: 4–5 digits
     (lengths never trained on)."""
     s = task.seed
     return {
-        "train": shortcut(
-            _addition_rows(
-                random.Random(f"{s}:train"),
-                task.train_size,
-                (1, 2, 3),
-                lambda a, b: not _held_out(a, b, s),
-                False,
-            ),
-            task,
-            lambda trace: trace.splitlines()[-1],
+        "train": _addition_rows(
+            random.Random(f"{s}:train"),
+            task.train_size,
+            (1, 2, 3),
+            lambda a, b: not _held_out(a, b, s),
+            False,
         ),
         "test": _addition_rows(
             random.Random(f"{s}:test"), task.test_size, (1, 2, 3), lambda a, b: _held_out(a, b, s), True
@@ -199,13 +185,26 @@ def _shape_rows(rng: random.Random, n: int) -> list[Row]:
 def shapes_splits(task: TinyTask) -> dict[str, list[Row]]:
     s = task.seed
     return {
-        "train": shortcut(
-            _shape_rows(random.Random(f"{s}:train"), task.train_size),
-            task,
-            lambda seen: seen.rsplit(". ", 1)[-1],
-        ),
+        "train": _shape_rows(random.Random(f"{s}:train"), task.train_size),
         "test": _shape_rows(random.Random(f"{s}:test"), task.test_size),
     }
+
+
+CONCLUSION: dict[str, Callable[[str], str]] = {
+    "arithmetic": lambda trace: trace.splitlines()[-1],  # `answer N`
+    "shapes": lambda seen: seen.rsplit(". ", 1)[-1],  # `N shapes.`
+}
+
+
+def task_splits(task: TinyTask) -> dict[str, list[Row]]:
+    """The task's splits, with a stable-hash-chosen `task.shortcut_fraction` of the train rows reasoning
+    only their conclusion; the problems themselves stay those of the full set."""
+    splits = (arithmetic_splits if task.name == "arithmetic" else shapes_splits)(task)
+    for i, row in enumerate(splits["train"]):
+        if zlib.crc32(f"{task.seed}:shortcut:{i}".encode()) % 10_000 < task.shortcut_fraction * 10_000:
+            answer = row["messages"][-1]
+            answer["reasoning_content"] = CONCLUSION[task.name](answer["reasoning_content"])
+    return splits
 
 
 def _features(name: str) -> Any:
@@ -223,7 +222,7 @@ def write_task(path: str | Path, task: TinyTask) -> None:
     from datasets import Dataset
 
     path = Path(path)
-    splits = (arithmetic_splits if task.name == "arithmetic" else shapes_splits)(task)
+    splits = task_splits(task)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared folder

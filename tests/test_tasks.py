@@ -141,18 +141,15 @@ def test_ensure_dataset(tmp_path: Path) -> None:
 
 
 def test_shortcut_rows_keep_the_problems_and_only_their_conclusion() -> None:
-    from posttrain.tasks import arithmetic_splits, shapes_splits
+    from posttrain.tasks import task_splits
 
-    full, short = (
-        arithmetic_splits(ARITH),
-        arithmetic_splits(ARITH.model_copy(update={"shortcut_fraction": 0.7})),
-    )
+    full, short = task_splits(ARITH), task_splits(ARITH.model_copy(update={"shortcut_fraction": 0.7}))
     assert [r["messages"][0] for r in short["train"]] == [r["messages"][0] for r in full["train"]]
     assert short["test"] == full["test"]
     cut = [s for f, s in zip(full["train"], short["train"], strict=True) if f != s]
     assert 0.6 < len(cut) / len(full["train"]) < 0.8
     assert all(r["messages"][1]["reasoning_content"] == f"answer {r['solution']}" for r in cut)
-    scenes = shapes_splits(SHAPES.model_copy(update={"shortcut_fraction": 1.0}))["train"]
+    scenes = task_splits(SHAPES.model_copy(update={"shortcut_fraction": 1.0}))["train"]
     assert {r["messages"][1]["reasoning_content"] for r in scenes} <= {
         "1 shape.",
         "2 shapes.",
