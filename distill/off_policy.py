@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.data import DataError
+from posttrain.data import NO_NEEDS, DataError
 from posttrain.distill.config import DistillConfig
+from posttrain.rewards.registry import required_columns
 
 log = logging.getLogger("posttrain.distill")
 
@@ -37,9 +38,10 @@ def build_teacher_prompts(cfg: DistillConfig, tokenizer: Any) -> list[TeacherPro
 
     from posttrain.data import load_samples, render
 
+    needs = required_columns(cfg.off_policy.rewards.rewards) if cfg.off_policy.rewards else NO_NEEDS
     out = []
     for spec in cfg.data.train:
-        samples, _, _ = load_samples(spec, cfg.data.bad_rows, for_eval=True, require_solution=False)
+        samples, _, _ = load_samples(spec, cfg.data.bad_rows, for_eval=True, needs=needs)
         for s in samples:
             if s.images:
                 raise DataError(f"{s.origin} row {s.row}: off_policy prompts must be text-only")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.data import DataError
+from posttrain.data import NO_NEEDS, DataError
 from posttrain.distill.config import DistillConfig
 
 log = logging.getLogger("posttrain.distill")
@@ -47,8 +47,8 @@ def run_on_policy(cfg: DistillConfig, out: Path, student: Any, teacher_path: str
     from posttrain.rl.driver import probe_ids
 
     tok = student.tokenizer
-    prompts = build_prompts(
-        cfg.data.train, student.processing, student.is_vl, cfg.data.max_prompt_length, False
+    prompts = build_prompts(  # `solution`, where present, only adds an accuracy metric
+        cfg.data.train, student.processing, student.is_vl, cfg.data.max_prompt_length, NO_NEEDS
     )
     if any(p.source.images for p in prompts):
         raise DataError("on_policy prompts must be text-only: the teacher scores token ids without images")

@@ -69,15 +69,29 @@ def run_command(args: argparse.Namespace) -> None:
         importlib.import_module(f"posttrain.{args.command}.driver").run(cfg)
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Options and overrides in any order: argparse ends a `nargs="*"` positional at the first option, so
+    overrides after one come back unrecognised and join the others (in order); unknown options fail."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides += rest
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from posttrain.checkpoint import CheckpointError
     from posttrain.config import ConfigError
     from posttrain.data import DataError
+    from posttrain.rewards.registry import RewardLoadError
 
     try:
         run_command(args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, RewardLoadError) as err:
         print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # named run failures: WeightSyncError, RewardPluginError, RolloutError, ...

@@ -19,9 +19,11 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from posttrain.config import DataConfig, DatasetSpec
@@ -45,6 +47,10 @@ VL_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 THINK_RE = re.compile(r"\s*<think>(.*?)</think>", re.S)
 MAX_REASONS = 5  # skipped-row reasons kept for the log and stats
 Mode = Literal["thinking", "non_thinking"]
+Needs = Mapping[str, str]
+"""Columns every row must have a value in → who needs each, as errors name it ("reward 'exact_match'")."""
+NO_NEEDS: Needs = MappingProxyType({})
+EVAL_NEEDS: Needs = MappingProxyType({"solution": "the evaluation (exact match with the answer)"})
 
 
 class DataError(ValueError):
@@ -182,19 +188,25 @@ def _undecoded_images(ds: Dataset) -> Dataset:
     return ds
 
 
-def detect_format(columns: list[str], spec: DatasetSpec, origin: str, for_eval: bool = False) -> str:
-    """`messages` or `prompt_completion`, checking that the columns it needs exist."""
+def detect_format(
+    columns: list[str], spec: DatasetSpec, origin: str, for_eval: bool = False, needs: Needs = NO_NEEDS
+) -> str:
+    """`messages` or `prompt_completion`, checking that the columns it and `needs` need exist."""
     fmt = spec.format
     if fmt == "auto":
         fmt = "messages" if "messages" in columns else "prompt_completion"
     needed = ["messages"] if fmt == "messages" else ["prompt"] if for_eval else ["prompt", "completion"]
-    needed += ["solution"] if for_eval else []
     needed += [spec.thinking_column] if spec.thinking == "column" else []
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataError(
             f"{origin}: missing column {missing[0]!r} (columns: {', '.join(columns)}); rows need `messages` "
-            "or `prompt` + `completion`, plus `thinking_column` under thinking: column and `solution` for eval"
+            "or `prompt` + `completion`, plus `thinking_column` under thinking: column"
+        )
+    absent = [c for c in needs if c not in columns]
+    if absent:
+        raise DataError(
+            f"{origin}: missing column {absent[0]!r}, needed by {needs[absent[0]]} (columns: {', '.join(columns)})"
         )
     return fmt
 
@@ -335,10 +347,10 @@ def normalise_row(
     index: int,
     base_dir: Path | None = None,
     for_eval: bool = False,
-    require_solution: bool = True,
+    needs: Needs = NO_NEEDS,
 ) -> Sample:
     """Validate one row into a Sample; raises RowError. For eval (and RL prompts) the final assistant
-    turn is removed; `require_solution` insists on the `solution` column there."""
+    turn is removed; every column of `needs` must have a value."""
     messages = _row_messages(row, fmt, for_eval)
     has_reasoning = any(m.get("reasoning") for m in messages)
     column = "messages" if fmt == "messages" else "completion"
@@ -346,14 +358,15 @@ def normalise_row(
         messages = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         if not any(m["role"] == "user" for m in messages):
             raise RowError("messages" if fmt == "messages" else "prompt", "no user message to prompt with")
-        if require_solution and row.get("solution") is None:
-            raise RowError("solution", "missing (eval rows need the answer to compare with)")
     elif not any(m["role"] == "assistant" for m in messages):
         raise RowError(column, "no assistant message")
     elif messages[-1]["role"] != "assistant":
         raise RowError(
             column, f"last message is {messages[-1]['role']!r} (expected assistant, the response to train on)"
         )
+    for needed, by in needs.items():
+        if row.get(needed) is None:
+            raise RowError(needed, f"missing (needed by {by})")
     images = _row_images(row, messages, base_dir)
     mode = _choose_mode(row, spec, has_reasoning, strict=not for_eval)
     if mode == "non_thinking":
@@ -363,17 +376,17 @@ def normalise_row(
 
 
 def load_samples(
-    spec: DatasetSpec, bad_rows: str = "error", for_eval: bool = False, require_solution: bool = True
+    spec: DatasetSpec, bad_rows: str = "error", for_eval: bool = False, needs: Needs = NO_NEEDS
 ) -> tuple[list[Sample], int, list[str]]:
-    """Validate every row of `spec`: (samples, rows read, reasons of skipped rows)."""
+    """Validate every row of `spec`, with the columns of `needs`: (samples, rows read, reasons of skipped rows)."""
     ds, origin = load_split(spec)
-    fmt = detect_format(ds.column_names, spec, origin, for_eval)
+    fmt = detect_format(ds.column_names, spec, origin, for_eval, needs)
     path = Path(spec.path).expanduser()
     base_dir = path.parent if path.is_file() else path if path.is_dir() else None
     samples, reasons = [], []
     for i, row in enumerate(_undecoded_images(ds)):
         try:
-            samples.append(normalise_row(row, fmt, spec, origin, i, base_dir, for_eval, require_solution))
+            samples.append(normalise_row(row, fmt, spec, origin, i, base_dir, for_eval, needs))
         except RowError as err:
             message = f"{origin} row {i}, column {err.column!r}: {err}"
             if bad_rows == "error":
@@ -719,14 +732,14 @@ def build_eval_prompts(
     processing: Any,
     thinking: bool | None = None,
     max_samples: int | None = None,
-    require_solution: bool = True,
+    needs: Needs = EVAL_NEEDS,
 ) -> list[EvalPrompt]:
     """Generation prompts of the first `max_samples` rows; `thinking` None keeps the dataset's own choice.
-    Also the RL prompt set (where a reward may not need `solution`)."""
+    Also the RL prompt set, whose `needs` are its rewards'."""
     is_vl = hasattr(processing, "image_processor")
     if max_samples is not None:
         spec = spec.model_copy(update={"max_rows": min(max_samples, spec.max_rows or max_samples)})
-    samples, _, _ = load_samples(spec, for_eval=True, require_solution=require_solution)
+    samples, _, _ = load_samples(spec, for_eval=True, needs=needs)
     prompts = []
     for s in samples:
         if thinking is not None:

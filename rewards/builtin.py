@@ -90,7 +90,7 @@ def _math_score(gold: str, answer: str, max_answer_chars: int) -> float | None:
     return float(verify(list(gold_parsed), predicted, timeout_seconds=None))
 
 
-@reward("math_accuracy", warmup=_warm_math_verify)
+@reward("math_accuracy", warmup=_warm_math_verify, requires=("solution",))
 def math_accuracy(
     completions: list[str], solution: list[str], max_answer_chars: int = 1000, **kwargs: Any
 ) -> list[float | None]:
@@ -144,7 +144,7 @@ def answer_present(completions: list[str], require_boxed: bool = False, **kwargs
 # ------------------------------------------------------------------------------------------------- match
 
 
-@reward("exact_match")
+@reward("exact_match", requires=("solution",))
 def exact_match(
     completions: list[str], solution: list[str], ignore_case: bool = False, **kwargs: Any
 ) -> list[float | None]:
@@ -159,7 +159,7 @@ def exact_match(
     return out
 
 
-@reward("digit_match")
+@reward("digit_match", requires=("solution",))
 def digit_match(completions: list[str], solution: list[str], **kwargs: Any) -> list[float | None]:
     """Partial credit for a numeric answer: the share of digit places, aligned from the units digit, where
     the answer (its `\\boxed{}` content if any) agrees with `solution`; places either number lacks count as
@@ -201,7 +201,7 @@ def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
     return str(matches[-1]) if matches else None
 
 
-@reward("choice_match")
+@reward("choice_match", requires=("solution",))
 def choice_match(
     completions: list[str], solution: list[str], letters: str = "ABCDEFGHIJ", **kwargs: Any
 ) -> list[float | None]:
@@ -256,7 +256,7 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-@reward("grounding_iou")
+@reward("grounding_iou", requires=("solution",))
 def grounding_iou(
     completions: list[str],
     solution: list[Any],

@@ -4,7 +4,9 @@ Four ways to name a reward: a built-in registered with `@reward`, an entry point
 `posttrain.rewards`, `module:function`, or `path/to/file.py:function`. The TRL signature is native:
 `f(completions, **kwargs) -> list[float | None]` with `prompts`, `completion_ids` and every dataset column
 as keyword arguments; a verl `compute_score(data_source, solution_str, ground_truth, extra_info)` runs
-per sample through an adapter. Both may be `async`.
+per sample through an adapter. Both may be `async`. A function names the dataset columns it cannot score
+without in a `required_columns` attribute (verl functions need their `ground_truth` column), so a prompt set
+is checked before a run starts.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ import importlib.metadata
 import importlib.util
 import inspect
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from posttrain.rewards.config import RewardSpec
+
 ENTRY_POINT_GROUP = "posttrain.rewards"
 FORMS = "'module:function' or 'path/to/file.py:function'"
+REQUIRED_COLUMNS = "required_columns"
+"""Attribute of a reward function: the dataset columns it needs, e.g. `fn.required_columns = ("solution",)`.
+Undeclared: none."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,12 +48,15 @@ class Builtin:
 _BUILTINS: dict[str, Builtin] = {}
 
 
-def reward(name: str, *, warmup: Callable[[], None] | None = None) -> Callable[[F], F]:
-    """Register a built-in reward under `name`."""
+def reward(
+    name: str, *, warmup: Callable[[], None] | None = None, requires: tuple[str, ...] = ()
+) -> Callable[[F], F]:
+    """Register a built-in reward under `name`, needing the dataset columns `requires`."""
 
     def register(fn: F) -> F:
         if name in _BUILTINS:
             raise ValueError(f"built-in reward {name!r} is registered twice")
+        setattr(fn, REQUIRED_COLUMNS, requires)
         _BUILTINS[name] = Builtin(fn, warmup)
         return fn
 
@@ -183,6 +193,8 @@ class LoadedReward:
     accepted: frozenset[str] | None
     """Keyword arguments the function takes; None when it takes **kwargs."""
     warmup: Callable[[], None] | None
+    required: tuple[str, ...]
+    """Dataset columns it cannot score without."""
 
 
 def load_reward(
@@ -200,9 +212,35 @@ def load_reward(
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     builtin = _BUILTINS.get(name)
     accepted = None if takes_any else frozenset(names)
+    required = _declared_columns(name, fn) + ((ground_truth,) if kind == "verl" else ())
     return LoadedReward(
-        fn, kind, dict(params or {}), ground_truth, accepted, builtin.warmup if builtin else None
+        fn,
+        kind,
+        dict(params or {}),
+        ground_truth,
+        accepted,
+        builtin.warmup if builtin else None,
+        tuple(dict.fromkeys(required)),
     )
+
+
+def _declared_columns(name: str, fn: Callable[..., Any]) -> tuple[str, ...]:
+    declared = getattr(fn, REQUIRED_COLUMNS, ())
+    if not isinstance(declared, (list, tuple)) or not all(isinstance(c, str) for c in declared):
+        raise RewardLoadError(
+            f"reward {name!r}: `{REQUIRED_COLUMNS}` must be a tuple of column names, not {declared!r}"
+        )
+    return tuple(declared)
+
+
+def required_columns(specs: Sequence[RewardSpec]) -> dict[str, str]:
+    """Each dataset column the rewards of `specs` need → the first reward needing it ("reward 'key'"), the
+    form data loading takes to check a prompt set. Resolves every reward, so a bad name fails here."""
+    needs: dict[str, str] = {}
+    for spec in specs:
+        for column in load_reward(spec.name, spec.kind, spec.params, spec.ground_truth).required:
+            needs.setdefault(column, f"reward {spec.key!r}")
+    return needs
 
 
 def call_reward(reward: LoadedReward, batch: Batch) -> list[Any]:

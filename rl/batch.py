@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from posttrain.data import DataError, EvalPrompt, build_eval_prompts, epoch_order, tokenizer_of
+from posttrain.data import DataError, EvalPrompt, Needs, build_eval_prompts, epoch_order, tokenizer_of
 from posttrain.rollout.engine import RolloutRequest, RolloutResult, RolloutSample
 
 IMAGE_PAD = "<|image_pad|>"
@@ -59,14 +59,15 @@ class Trajectory:
 
 
 def build_prompts(
-    specs: list[Any], processing: Any, is_vl: bool, max_prompt_length: int, need_solution: bool
+    specs: list[Any], processing: Any, is_vl: bool, max_prompt_length: int, needs: Needs
 ) -> list[Prompt]:
-    """Every row of every prompt dataset, validated up front: a prompt that is too long, or whose image
-    tokens do not match its image features, stops the run naming the dataset and row."""
+    """Every row of every prompt dataset, validated up front: a prompt that is too long, whose image
+    tokens do not match its image features, or without a column in `needs` (the rewards') stops the run
+    naming the dataset and row."""
     tok = tokenizer_of(processing)
     prompts = []
     for spec in specs:
-        for p in build_eval_prompts(spec, processing, require_solution=need_solution):
+        for p in build_eval_prompts(spec, processing, needs=needs):
             where = f"{spec.path} (split {spec.split}) row {p.row}"
             if len(p.prompt_ids) > max_prompt_length:
                 raise DataError(

@@ -57,6 +57,7 @@ def run(cfg: RLConfig) -> Path:
     from posttrain import runs
     from posttrain.data import load_processing, tokenizer_of
     from posttrain.evaluation import EvalSet
+    from posttrain.rewards.registry import required_columns
     from posttrain.rewards.runtime import RewardRuntime
     from posttrain.rl.batch import build_prompts, placeholder_ids
 
@@ -68,8 +69,8 @@ def run(cfg: RLConfig) -> Path:
     model_path = prepare_policy(cfg)
     processing, is_vl = load_processing(model_path, cfg.model.trust_remote_code)
     tok = tokenizer_of(processing)
-    need_solution = any(s.name in ("exact_match", "math_accuracy") for s in cfg.rewards.rewards)
-    prompts = build_prompts(cfg.data.prompts, processing, is_vl, cfg.data.max_prompt_length, need_solution)
+    needs = required_columns(cfg.rewards.rewards)
+    prompts = build_prompts(cfg.data.prompts, processing, is_vl, cfg.data.max_prompt_length, needs)
     eval_set = EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl) if cfg.data.eval else None
     log.info(
         "%d prompts; %s", len(prompts), f"{len(eval_set.prompts)} eval prompts" if eval_set else "no eval"

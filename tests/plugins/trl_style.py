@@ -20,3 +20,11 @@ async def async_reward(completions, completion_ids, **kwargs):
 def strict_signature(completions, solution):
     """No **kwargs: only the arguments it names are passed (not prompts, completion_ids, other columns)."""
     return [float(str(s) in c) for c, s in zip(completions, solution, strict=True)]
+
+
+def answer_match(completions, answer, **kwargs):
+    """Declares the dataset column it cannot score without, so a prompt set lacking it fails up front."""
+    return [float(c.strip() == str(a)) for c, a in zip(completions, answer, strict=True)]
+
+
+answer_match.required_columns = ("answer",)
