@@ -54,13 +54,18 @@ def proc(tiny_vl_model: Path) -> Any:
     return processor
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Rows as JSON lines, with the images they name (img0.png, img1.png: two sizes; junk.png) beside them."""
+def write_images(folder: Path) -> None:
+    """The images rows name: img0.png, img1.png (two sizes) and junk.png."""
     from PIL import Image
 
     for k in range(2):
-        Image.new("RGB", (64 + 32 * k, 64 + 32 * k), "red").save(path.parent / f"img{k}.png")
-    (path.parent / "junk.png").write_text("not an image")
+        Image.new("RGB", (64 + 32 * k, 64 + 32 * k), "red").save(folder / f"img{k}.png")
+    (folder / "junk.png").write_text("not an image")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Rows as JSON lines, with the images they name beside them."""
+    write_images(path.parent)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -95,6 +100,7 @@ def test_load_file_formats_keep_extra_columns(tmp_path: Path) -> None:
     rows = [ROW, {**ROW, "solution": "6"}, {**ROW, "solution": "7"}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     write_jsonl(tmp_path / "rows.jsonl", rows)
+    Dataset.from_list(rows).to_json(str(tmp_path / "lines.json"))  # JSON Lines, despite the name
     Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -103,21 +109,203 @@ def test_load_file_formats_keep_extra_columns(tmp_path: Path) -> None:
     DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
     for path, origin in [
         ("rows.json", "rows.json"),
+        ("lines.json", "lines.json"),
         ("rows.jsonl", "rows.jsonl"),
         ("rows.parquet", "rows.parquet"),
         ("folder", "train.jsonl"),
         ("saved", "saved[train]"),
     ]:
-        ds, got = load_split(DatasetSpec(path=str(tmp_path / path)))
-        assert (len(ds), got) == (3, origin)
-        assert {"messages", "solution", "source"} <= set(ds.column_names)
-        assert ds[2]["solution"] == "7" and ds[0]["source"] == "unit"
-    assert len(load_split(DatasetSpec(path=str(folder), split="test"))[0]) == 1
-    assert len(load_split(DatasetSpec(path=str(folder), max_rows=2))[0]) == 2
+        split = load_split(DatasetSpec(path=str(tmp_path / path)))
+        assert (len(split.rows), split.origin) == (3, origin)
+        assert split.columns == ["messages", "solution", "source"]
+        assert split.rows[2]["solution"] == "7" and split.rows[0]["source"] == "unit"
+    assert len(load_split(DatasetSpec(path=str(folder), split="test")).rows) == 1
+    assert len(load_split(DatasetSpec(path=str(folder), max_rows=2)).rows) == 2
     with pytest.raises(DataError, match="no valid.json|has no valid"):
         load_split(DatasetSpec(path=str(folder), split="valid"))
     with pytest.raises(DataError, match="does not exist"):
         load_split(DatasetSpec(path=str(tmp_path / "missing.jsonl")))
+
+
+def test_mixed_content_jsonl_loads_exactly_as_written(tmp_path: Path) -> None:
+    """The TRL / LLaMA-Factory VL layout: a user turn of parts, string turns, paths in `images`."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
+                {"role": "assistant", "content": "3"},
+            ],
+            "images": ["img0.png"],
+        },
+        {"messages": [{"role": "user", "content": "[1, 2]"}, {"role": "assistant", "content": '{"n": 3}'}]},
+    ]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert load_split(DatasetSpec(path=str(path))).rows == rows
+    first, second = load_samples(DatasetSpec(path=str(path)))[0]
+    assert first.messages == [
+        {"role": "user", "parts": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
+        {"role": "assistant", "text": "3", "reasoning": None},
+    ]
+    assert [im.size for im in first.images] == [(64, 64)]
+    assert second.messages == [
+        {"role": "user", "parts": [{"type": "text", "text": "[1, 2]"}]},
+        {"role": "assistant", "text": '{"n": 3}', "reasoning": None},
+    ]
+    assert (second.images, second.extra) == ([], {})
+
+
+MALFORMED = {
+    "jsonl_line": ("rows.jsonl", b'{"a": 1}\n\n{"a": }\n', 'rows.jsonl line 3: invalid JSON (Expecting value at column 7)'),
+    "jsonl_not_object": ("rows.jsonl", b'{"a": 1}\n[1]\n', "rows.jsonl line 2: expected a JSON object (one row), got list"),
+    "json_file": ("rows.json", b'[\n  {"a": 1},\n  {"a" 2}\n]\n', "rows.json line 3: invalid JSON (Expecting ':' delimiter at column 8)"),
+    "json_not_object": ("rows.json", b'[{"a": 1}, "b"]', "rows.json row 1: expected a JSON object (one row), got str"),
+    "jsonl_utf8": ("rows.jsonl", b'{"a": "x"}\n{"a": "caf\xe9"}\n', "rows.jsonl line 2: not UTF-8 (invalid continuation byte at byte 21); save the file as UTF-8"),
+    "json_utf8": ("rows.json", b'[\n{"a": "\xff"}]', "rows.json line 2: not UTF-8 (invalid start byte at byte 9); save the file as UTF-8"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_json_names_file_and_line(tmp_path: Path, kind: str) -> None:
+    name, data, message = MALFORMED[kind]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError) as err:
+        load_split(DatasetSpec(path=str(tmp_path / name)))
+    assert str(err.value) == message
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "parts": [{"type": "text", "text": text}]}
+
+
+VL_PARTS = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which is larger?"}]
+DATASET_TYPES = {
+    # name: (rows, for_eval, [(normalised messages, mode, extra, image sizes)] of each row)
+    "conversational": (
+        [{"messages": [{"role": "system", "content": "Be brief."}, *ROW["messages"]], "solution": "5"}],
+        False,
+        [([{"role": "system", "parts": [{"type": "text", "text": "Be brief."}]}, user(USER), {"role": "assistant", "text": "5", "reasoning": REASONING}], "thinking", {"solution": "5"}, [])],
+    ),
+    "prompt_completion": (
+        [{"prompt": USER, "completion": "5", "reasoning": REASONING}, {"prompt": "Hi", "completion": "Hello", "reasoning": None}],
+        False,
+        [
+            ([user(USER), {"role": "assistant", "text": "5", "reasoning": REASONING}], "thinking", {"reasoning": REASONING}, []),
+            ([user("Hi"), {"role": "assistant", "text": "Hello", "reasoning": None}], "non_thinking", {"reasoning": None}, []),
+        ],
+    ),
+    "conversational_prompt_completion": (
+        [{"prompt": [{"role": "user", "content": USER}], "completion": [{"role": "assistant", "content": "5"}]}],
+        False,
+        [([user(USER), {"role": "assistant", "text": "5", "reasoning": None}], "non_thinking", {}, [])],
+    ),
+    "prompt_only": (
+        [{"prompt": USER, "solution": "5"}],
+        True,
+        [([user(USER)], "non_thinking", {"solution": "5"}, [])],
+    ),
+    "conversational_prompt_only": (
+        [{"prompt": [{"role": "user", "content": USER}], "solution": "5"}],
+        True,
+        [([user(USER)], "non_thinking", {"solution": "5"}, [])],
+    ),
+    "vision": (
+        [{"messages": [{"role": "user", "content": VL_PARTS}, {"role": "assistant", "content": [{"type": "text", "text": "2"}]}], "images": ["img0.png", "img1.png"]}],
+        False,
+        [([{"role": "user", "parts": VL_PARTS}, {"role": "assistant", "text": "2", "reasoning": None}], "non_thinking", {}, [(64, 64), (96, 96)])],
+    ),
+}  # fmt: skip
+
+
+def write_source(tmp_path: Path, kind: str, rows: list[dict[str, Any]]) -> tuple[Path, str]:
+    """`rows` as a dataset of `kind` with the images they name beside it, and the name samples carry."""
+    from datasets import Dataset, DatasetDict
+
+    write_images(tmp_path)
+    if kind == "json":
+        (tmp_path / "rows.json").write_text(json.dumps(rows))
+        return tmp_path / "rows.json", "rows.json"
+    if kind == "jsonl":
+        return write_jsonl(tmp_path / "rows.jsonl", rows), "rows.jsonl"
+    if kind == "parquet":
+        Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+        return tmp_path / "rows.parquet", "rows.parquet"
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind == "folder":
+        write_jsonl(folder / "train.jsonl", rows)
+        write_jsonl(folder / "test.jsonl", [ROW])
+        return folder, "train.jsonl"
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(folder))
+    write_images(folder)
+    return folder, f"{kind}[train]"
+
+
+@pytest.mark.parametrize("source", ["json", "jsonl", "parquet", "folder", "saved"])
+@pytest.mark.parametrize("dataset_type", sorted(DATASET_TYPES))
+def test_dataset_types_load_alike_from_every_source(tmp_path: Path, dataset_type: str, source: str) -> None:
+    rows, for_eval, expected = DATASET_TYPES[dataset_type]
+    path, origin = write_source(tmp_path, source, rows)
+    samples = load_samples(DatasetSpec(path=str(path)), for_eval=for_eval)[0]
+    assert [(s.messages, s.mode, s.extra, [im.size for im in s.images]) for s in samples] == expected
+    assert [(s.origin, s.row) for s in samples] == [(origin, k) for k in range(len(rows))]
+
+
+def png(size: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), "blue").save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("source", ["parquet", "saved"])
+@pytest.mark.parametrize("value", ["bytes", "bytes_dicts", "image_feature"])
+def test_images_as_bytes_or_image_features(tmp_path: Path, value: str, source: str) -> None:
+    from datasets import Dataset, DatasetDict, Image, List
+
+    images = [png(64), png(96)]
+    row = {**DATASET_TYPES["vision"][0][0], "images": images}
+    if value == "bytes_dicts":
+        row["images"] = [{"bytes": b, "path": None} for b in images]
+    ds = Dataset.from_list([row])
+    ds = ds.cast_column("images", List(Image())) if value == "image_feature" else ds
+    path = tmp_path / "rows.parquet" if source == "parquet" else tmp_path / "saved"
+    if source == "parquet":
+        ds.to_parquet(str(path))
+    else:
+        DatasetDict({"train": ds}).save_to_disk(str(path))
+    (sample,) = load_samples(DatasetSpec(path=str(path)))[0]
+    assert [(im.mode, im.size, im.getpixel((0, 0))) for im in sample.images] == [
+        ("RGB", (64, 64), (0, 0, 255)),
+        ("RGB", (96, 96), (0, 0, 255)),
+    ]
+
+
+def test_bad_row_names_its_own_file_and_row(tmp_path: Path) -> None:
+    """A split of several files: rows and relative image paths belong to the file they are in."""
+    data = tmp_path / "folder" / "data"
+    data.mkdir(parents=True)
+    write_jsonl(data / "train-00000-of-00002.jsonl", [ROW, vl_row(1)])
+    bad = {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]}
+    write_jsonl(data / "train-00001-of-00002.jsonl", [vl_row(2), bad])
+    spec = DatasetSpec(path=str(tmp_path / "folder"))
+    with pytest.raises(DataError) as err:
+        load_samples(spec)
+    assert str(err.value) == (
+        "train-00001-of-00002.jsonl row 1, column 'messages': message 0 has int content "
+        "(expected a string or a list of parts)"
+    )
+    samples = load_samples(spec.model_copy(update={"max_rows": 3}))[0]
+    assert [(s.origin, s.row, len(s.images)) for s in samples] == [
+        ("train-00000-of-00002.jsonl", 0, 0),
+        ("train-00000-of-00002.jsonl", 1, 1),
+        ("train-00001-of-00002.jsonl", 0, 2),
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps([ROW, {"messages": []}]))
+    with pytest.raises(DataError, match=r"^rows.json row 1, column 'messages': no messages$"):
+        load_samples(DatasetSpec(path=str(tmp_path / "rows.json")))
 
 
 def test_prompt_completion_format(tmp_path: Path, tok: Any) -> None:
