@@ -11,6 +11,11 @@ $(VENV)/.installed: pyproject.toml tools/torchvision_cpu.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q "torch==2.13.0" -e ".[$(EXTRAS)]"
+# flash-attn's setup.py imports torch, packaging and wheel: built without isolation, once torch is in.
+ifneq (,$(findstring gpu,$(EXTRAS)))
+	$(PY) -m pip install -q setuptools wheel packaging ninja psutil
+	$(PY) -m pip install -q --no-build-isolation "flash-attn>=2.8"
+endif
 	$(PY) tools/torchvision_cpu.py
 	touch $@
 

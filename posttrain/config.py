@@ -55,7 +55,8 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training precision. float32 on CPU for exact tests; bfloat16 on GPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel. flash_attention_2 needs the `gpu` extra."""
+    """Attention kernel. flash_attention_2 needs CUDA and flash-attn (README "Installing by hand"); without
+    them the learners use sdpa and say so in the log."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own Python code. Off unless you trust the source."""
     freeze_vision_tower: bool = False

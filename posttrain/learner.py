@@ -8,6 +8,7 @@ evaluation, resumable save/load, and export of an HF folder.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,27 +16,41 @@ from typing import Any
 from posttrain.config import TrainingStage, stage_model
 
 DS_TAG = "deepspeed"
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(cfg: TrainingStage) -> dict[str, Any]:
     learners = cfg.learners
     per_step, micro, _ = cfg.optimizer_batch
-    zero: dict[str, Any] = {"stage": learners.zero_stage}
+    bf16 = cfg.model.dtype == "bfloat16"
+    zero: dict[str, Any] = {"stage": zero_stage(cfg)}
     if learners.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {
+    config = {
         "train_batch_size": per_step,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": cfg.train.grad_clip or 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31,
     }
+    if bf16:  # DeepSpeed sums micro-batch gradients in the model's dtype unless told otherwise
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
-def load_model(cfg: TrainingStage, model_path: str, is_vl: bool) -> Any:
+def zero_stage(cfg: TrainingStage) -> int:
+    """The configured ZeRO stage, but ZeRO-1 for bf16 without ZeRO: DeepSpeed's stage-0 bf16 wrapper
+    (FP16_UnfusedOptimizer) accumulates in bf16 and rejects an fp32 accumulation dtype, while ZeRO-1
+    (BF16_Optimizer, also with one rank) keeps fp32 gradient buffers."""
+    if cfg.model.dtype == "bfloat16" and cfg.learners.zero_stage == 0:
+        return 1
+    return cfg.learners.zero_stage
+
+
+def load_model(cfg: TrainingStage, model_path: str, is_vl: bool, device: str) -> Any:
     """The HF model, with LoRA adapters or a frozen vision tower as configured."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -46,7 +61,7 @@ def load_model(cfg: TrainingStage, model_path: str, is_vl: bool) -> Any:
     model: Any = cls.from_pretrained(
         model_path,
         dtype=dtype,
-        attn_implementation=m.attn_implementation,
+        attn_implementation=attention_kernel(m.attn_implementation, device),
         trust_remote_code=m.trust_remote_code,
     )
     if m.gradient_checkpointing:
@@ -65,6 +80,17 @@ def load_model(cfg: TrainingStage, model_path: str, is_vl: bool) -> Any:
         )
         model = get_peft_model(model, lora)
     return model
+
+
+def attention_kernel(requested: str, device: str) -> str:
+    """`requested`, except sdpa for flash_attention_2 where flash-attn or CUDA is missing (it is a separate
+    install step, see README "Installing by hand")."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if requested != "flash_attention_2" or (device == "cuda" and is_flash_attn_2_available()):
+        return requested
+    log.warning("model.attn_implementation=flash_attention_2: flash-attn or CUDA unavailable, using sdpa")
+    return "sdpa"
 
 
 def vision_tower(model: Any) -> Any:
@@ -90,7 +116,7 @@ class Learner:
         torch.set_num_threads(max(1, int(cfg.learners.cpus_per_learner)))
         torch.manual_seed(cfg.train.seed)  # identical adapter init on every rank
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo")
-        model = load_model(cfg, model_path, is_vl)
+        model = load_model(cfg, model_path, is_vl, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _make_optimizer(cfg, params)
         schedule = _make_schedule(cfg, optimizer, total_steps)
@@ -123,7 +149,7 @@ class Learner:
             logits = self.engine(**batch, use_cache=False).logits
             nll, _ = token_nll_sum(logits, labels)
             self.engine.backward(nll * scale)
-            if self.engine.is_gradient_accumulation_boundary() and self.cfg.learners.zero_stage == 0:
+            if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO optimizers report their own
             self.engine.step()
             loss_sum += float(nll.detach())
@@ -152,7 +178,7 @@ class Learner:
             logits = self.engine(**inputs, use_cache=False).logits
             loss, stats = rl_objective(logits, inputs["input_ids"], batch, norms, algo)
             self.engine.backward(loss * scale)
-            if self.engine.is_gradient_accumulation_boundary() and self.cfg.learners.zero_stage == 0:
+            if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
                 grad_norm = _grad_norm(self.engine.module)
             self.engine.step()
             for key, value in [*stats.items(), ("loss", loss.detach())]:
@@ -181,7 +207,7 @@ class Learner:
             logits = self.engine(**inputs, use_cache=False).logits
             loss, stats = distill_objective(logits, inputs["input_ids"], batch, norms, loss_cfg)
             self.engine.backward(loss * scale)
-            if self.engine.is_gradient_accumulation_boundary() and self.cfg.learners.zero_stage == 0:
+            if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
                 grad_norm = _grad_norm(self.engine.module)
             self.engine.step()
             for key, value in [*stats.items(), ("loss", loss.detach())]:
@@ -313,7 +339,8 @@ class Reference:
         cfg = stage_model(stage).model_validate(cfg_dict)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"lora": None})})
         self.device = _pick_device(cfg.learners.device)  # threads: OMP_NUM_THREADS from the WorkerGroup
-        self.model = load_model(cfg, model_path, is_vl).to(self.device).eval().requires_grad_(False)
+        model = load_model(cfg, model_path, is_vl, self.device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
 
     def logprobs(
         self, batches: list[dict[str, Any]], base_model: bool = False, temperature: float = 1.0

@@ -73,9 +73,12 @@ def train_step(learners: Any, data: Any, step: int, cfg: SFTConfig) -> dict[str,
     t = cfg.train
     indices = data.batches(step, t.global_batch_size, t.seed)
     per_rank, micro = t.global_batch_size // len(learners), t.micro_batch_size
+    # flash-attention reads packed samples' boundaries from position ids only in a one-row batch; VL rows
+    # hold one sample each and carry the attention_mask it unpads by
+    flatten = cfg.model.attn_implementation == "flash_attention_2" and data.image_processor is None
     shards = [
         [
-            data.collate(indices[start : start + micro])
+            data.collate(indices[start : start + micro], flatten)
             for start in range(rank * per_rank, (rank + 1) * per_rank, micro)
         ]
         for rank in range(len(learners))
