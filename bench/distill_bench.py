@@ -165,7 +165,7 @@ def distill_config(args: argparse.Namespace) -> Any:
         f"train.grad_clip={GRAD_CLIP}",
         "learners.num_learners=1",
         "learners.zero_stage=0",
-        "learners.device=cpu",
+        "device=cpu",
         f"learners.cpus_per_learner={threads}",
         "checkpoint.every_steps=null",  # the driver still saves and exports once after the last step
         "checkpoint.resume=never",

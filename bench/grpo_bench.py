@@ -146,7 +146,6 @@ def posttrain_config(args: argparse.Namespace, model: Path, data: Path) -> Any:
             "rollout": {
                 "num_engines": 1,
                 "cpus_per_engine": cpus,
-                "gpu_memory_utilization": 0.05,  # on CPU: the KV cache's share of RAM
                 "max_model_len": 64 + args.max_tokens,
                 "samples_per_prompt": args.samples,
                 "max_tokens": args.max_tokens,

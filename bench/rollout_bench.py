@@ -48,7 +48,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=float, default=64, help="bucket size of every sync (the default)")
     p.add_argument("--max-inflight", type=int, default=2, help="stream sync: buckets queued per engine")
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.05, help="on CPU: RAM fraction for KV")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs and threads per actor")
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
@@ -100,7 +99,7 @@ def prompt_ids(model: Path, count: int) -> list[list[int]]:
 
 def llm_args(args: argparse.Namespace, model: Path, ours: dict[str, Any]) -> dict[str, Any]:
     """What `RolloutEngine._setup` passes to `vllm.LLM` on a CPU with these engine options. The settings
-    posttrain chooses for itself (logprobs mode; on CPU, whole-prompt prefill and its batch budget) are
+    posttrain chooses for itself (logprobs mode; on CPU, whole-prompt prefill, its batch budget and the KV cache bytes) are
     copied from the running posttrain engine `ours`; the resolved configs of both engines are compared at
     run time."""
     return {
@@ -111,7 +110,7 @@ def llm_args(args: argparse.Namespace, model: Path, ours: dict[str, Any]) -> dic
         "logprobs_mode": ours["logprobs_mode"],
         "tensor_parallel_size": 1,
         "enforce_eager": True,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "kv_cache_memory_bytes": ours["kv_cache_memory_bytes"],
         "dtype": "float32",
         "distributed_executor_backend": "uni",
         "enable_chunked_prefill": ours["chunked_prefill"],
@@ -173,6 +172,7 @@ def engine_summary(actor: Any) -> dict[str, Any]:
         "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
         "chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
         "kv_blocks": cfg.cache_config.num_gpu_blocks,
+        "kv_cache_memory_bytes": cfg.cache_config.kv_cache_memory_bytes,
         "block_size": cfg.cache_config.block_size,
         "prefix_caching": cfg.cache_config.enable_prefix_caching,
         "logprobs_mode": str(cfg.model_config.logprobs_mode),
@@ -535,7 +535,6 @@ def main() -> None:
         name="rollout-bench",
         seed=0,
         max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     summary: dict[str, Any] = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

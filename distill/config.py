@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import (
     DatasetSpec,
+    EngineSettings,
     EvalConfig,
     OptimConfig,
     Strict,
@@ -23,7 +24,7 @@ MAX_TOP_K = 20
 """vLLM's `max_logprobs` as the rollout engines start it: the most top-k entries a teacher reports."""
 
 
-class TeacherConfig(Strict):
+class TeacherConfig(EngineSettings):
     """The teacher model and the vLLM engines that serve it (never trained, never synced)."""
 
     path: str
@@ -38,10 +39,6 @@ class TeacherConfig(Strict):
     """Teacher engine actors; requests are split over them."""
     cpus_per_engine: float = Field(1, gt=0)
     """CPUs reserved per teacher engine."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """GPUs per teacher engine (GPU only)."""
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    """vLLM's memory fraction (default 0.9 on GPU, 0.3 on CPU; lower it when student engines share GPUs)."""
     max_model_len: int = Field(1024, ge=16)
     """Longest sequence the teacher scores (prompt + response)."""
     batch_size: int = Field(256, ge=1)

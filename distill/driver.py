@@ -164,17 +164,20 @@ def start_teacher(cfg: DistillConfig, path: str) -> Any:
     """The teacher's vLLM engine group (scoring and generation only: its weights never change)."""
     from posttrain.distill.config import MAX_TOP_K
     from posttrain.rollout import RolloutGroup
+    from posttrain.workers import resolve_device
 
     t = cfg.teacher
     return RolloutGroup(
         path,
         t.num_engines,
         num_cpus=t.cpus_per_engine,
+        device=resolve_device(cfg.device),
         name="teacher",
+        config_key="teacher",
+        model_key="teacher.path",
         ray_address=cfg.ray.address,
-        gpu_memory_utilization=t.gpu_memory_utilization,
         max_model_len=t.max_model_len,
-        tensor_parallel_size=t.tensor_parallel_size,
+        **t.group_kwargs(),
         dtype=t.dtype,
         seed=cfg.train.seed,
         max_logprobs=MAX_TOP_K,

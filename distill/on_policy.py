@@ -37,6 +37,7 @@ class OnPolicyRun:
     teacher: Any
     cursor: int = 0
     version: int = 0
+    probe_atol: float = 0.0  # set by calibrate_probe_atol before any update
 
 
 def run_on_policy(cfg: DistillConfig, out: Path, student: Any, teacher_path: str) -> Path:
@@ -44,7 +45,7 @@ def run_on_policy(cfg: DistillConfig, out: Path, student: Any, teacher_path: str
     from posttrain.distill.driver import start_teacher
     from posttrain.evaluation import EvalSet
     from posttrain.rl.batch import build_prompts
-    from posttrain.rl.driver import probe_ids
+    from posttrain.rl.driver import calibrate_probe_atol, probe_ids
 
     tok = student.tokenizer
     prompts = build_prompts(  # `solution`, where present, only adds an accuracy metric
@@ -65,6 +66,7 @@ def run_on_policy(cfg: DistillConfig, out: Path, student: Any, teacher_path: str
         groups.append(learners)
         stop = [tok.convert_tokens_to_ids("<|im_end|>")]
         ctx = OnPolicyRun(cfg, out, student, prompts, stop, probe_ids(tok), learners, engines, teacher)
+        ctx.probe_atol = calibrate_probe_atol(cfg, learners, engines, ctx.probe_ids)
         start = resume(ctx)
         train(ctx, start, eval_set)
         return runs.export(cfg, learners, student.processing, out / "final")
@@ -181,12 +183,12 @@ def sync_weights(ctx: OnPolicyRun, version: int) -> dict[str, float]:
     if ctx.cfg.model.lora:
         root = ctx.out / "adapters"
         reports = sync_lora_from_learners(
-            ctx.learners, ctx.engines, version, str(root), probe_ids=ctx.probe_ids, atol=r.probe_atol
+            ctx.learners, ctx.engines, version, str(root), probe_ids=ctx.probe_ids, atol=ctx.probe_atol
         )
         _prune_adapters(root, version)
     else:
         reports = stream_sync_from_learners(
-            ctx.learners, ctx.engines, version, r.bucket_mb, probe_ids=ctx.probe_ids, atol=r.probe_atol
+            ctx.learners, ctx.engines, version, r.bucket_mb, probe_ids=ctx.probe_ids, atol=ctx.probe_atol
         )
     ctx.version = version
     return {"sync/probe_max_abs": max(float(x.get("probe_max_abs") or 0.0) for x in reports)}

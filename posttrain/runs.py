@@ -36,21 +36,20 @@ def prepare_inputs(model_cfg: ModelConfig, datasets: list[DatasetSpec | None]) -
 
 
 def start_learners(cfg: TrainingStage, model_path: str, is_vl: bool, total_steps: int) -> Any:
-    import torch
-
     from posttrain.learner import Learner
-    from posttrain.workers import WorkerGroup, init_ray
+    from posttrain.workers import WorkerGroup, device_env, init_ray, resolve_device
 
     lc = cfg.learners
-    on_gpu = lc.device == "cuda" or (lc.device == "auto" and torch.cuda.is_available())
+    device = resolve_device(cfg.device)
     init_ray(cfg.ray.address, cfg.ray.num_cpus or int(lc.num_learners * lc.cpus_per_learner + 0.999))
     return WorkerGroup(
         Learner,
         lc.num_learners,
         num_cpus=lc.cpus_per_learner,
-        num_gpus=lc.gpus_per_learner if on_gpu else 0,
+        num_gpus=lc.gpus_per_learner if device == "cuda" else 0,
         name="learner",
         init_args=(cfg.stage, cfg.model_dump(mode="json"), model_path, is_vl, total_steps),
+        env=device_env(device),
     )
 
 

@@ -14,6 +14,8 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from posttrain.config import ConfigError
+
 CALL_TIMEOUT_S = 3600.0
 """Upper bound on any single call to a worker group: a lost actor surfaces as an error, never a hang."""
 
@@ -63,9 +65,41 @@ def _loopback_only() -> None:
 
 
 def _ds_accelerator() -> str:
+    return resolve_device("auto")
+
+
+def resolve_device(setting: str) -> str:
+    """`auto` → "cuda" when this process sees a GPU, else "cpu"; "cpu" / "cuda" as given."""
+    if setting != "auto":
+        return setting
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_env(device: str) -> dict[str, str]:
+    """Environment pinning a worker to `device`: DeepSpeed's accelerator, and no visible GPU on "cpu"."""
+    return {"DS_ACCELERATOR": device, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
+
+
+class PlacementError(ConfigError):
+    """A worker group asks for more than the whole cluster has: it could never be placed."""
+
+
+def check_placement(name: str, config_key: str, bundle: dict[str, float], count: int) -> None:
+    """Fail at once, naming what was asked and what the cluster has, instead of waiting for resources
+    that do not exist (e.g. a 2-GPU config on a 1-GPU machine)."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: v * count for k, v in bundle.items() if v * count > have.get(k, 0) + 1e-9}
+    if short:
+        asked = ", ".join(f"{v:g} {k}" for k, v in short.items())
+        has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
+        raise PlacementError(
+            f"{name}: {count} × {bundle} needs {asked} but the Ray cluster has {has}; lower the "
+            f"{config_key} worker count or resources per worker, or set device: cpu"
+        )
 
 
 def free_port() -> int:
@@ -103,12 +137,15 @@ class WorkerGroup:
         name: str = "workers",
         init_args: Sequence[Any] = (),
         env: dict[str, str] | None = None,
+        config_key: str = "learners",
     ) -> None:
+        """`config_key`: the config section an impossible placement names."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        check_placement(name, config_key, bundle, num_workers)
         self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=name)
         try:
             ray.get(self.placement_group.ready(), timeout=120)
@@ -168,14 +205,16 @@ class WorkerGroup:
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"{self.name}: no answer within {CALL_TIMEOUT_S:.0f} s") from None
 
-    def shutdown(self) -> None:
+    def shutdown(self, barrier: bool = True) -> None:
         """Barrier, then kill the actors hard: torch's gloo teardown can SIGABRT at interpreter exit
-        after a successful run, and a killed actor never reaches that exit path."""
+        after a successful run, and a killed actor never reaches that exit path. `barrier=False` for
+        actors that may never have started (a barrier call would queue behind their constructor)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         with contextlib.suppress(Exception):  # teardown must not mask the run's own outcome
-            ray.get([a.__ray_call__.remote(_barrier_if_distributed) for a in self.actors], timeout=60)
+            if barrier:
+                ray.get([a.__ray_call__.remote(_barrier_if_distributed) for a in self.actors], timeout=60)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import (
     DatasetSpec,
+    EngineSettings,
     EvalConfig,
     OptimConfig,
     Strict,
@@ -108,17 +109,13 @@ class AlgorithmConfig(Strict):
         return self
 
 
-class RolloutConfig(Strict):
+class RolloutConfig(EngineSettings):
     """vLLM engines and how they sample."""
 
     num_engines: int = Field(1, ge=1)
     """Engine actors (each a full copy of the policy)."""
     cpus_per_engine: float = Field(1, gt=0)
     """CPUs reserved per engine."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """GPUs per engine (GPU only)."""
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    """vLLM's memory fraction (on CPU: of the KV cache space; default 0.9 on GPU, 0.3 on CPU)."""
     max_model_len: int = Field(1024, ge=16)
     """Prompt + response tokens an engine accepts."""
     samples_per_prompt: int = Field(8, ge=2)
@@ -137,9 +134,10 @@ class RolloutConfig(Strict):
     """Weight sync: `stream` pipelines buckets (bounded memory), `bulk` puts them all first."""
     bucket_mb: float = Field(64, gt=0)
     """Weight-sync bucket size."""
-    probe_atol: float = Field(1e-4, gt=0)
+    probe_atol: float | None = Field(None, gt=0)
     """After each sync the engines' logprobs of a fixed sequence must match the learners' within this
-    (1e-4 suits float32; raise it for bfloat16, e.g. 0.05)."""
+    plus twice the difference measured on identical weights at the start (default by `model.dtype`:
+    1e-4 for float32, 0.05 for bfloat16)."""
     sync_timeout_s: float = Field(600, gt=0)
     """An engine not confirming a weight version within this fails the run (WeightSyncError)."""
 

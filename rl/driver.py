@@ -49,6 +49,7 @@ class Run:
     reference: Any = None  # a WorkerGroup, the learners (LoRA: adapter off) or None (no KL)
     cursor: int = 0  # position in the prompt stream
     version: int = 0  # weight version the engines serve
+    probe_atol: float = 0.0  # set by calibrate_probe_atol before any update
     pending: Any = None  # async: (prompts, positions, ObjectRefs or results) of the next step
 
 
@@ -84,6 +85,7 @@ def run(cfg: RLConfig) -> Path:
             marks = placeholder_ids(tok, is_vl)
             ctx = Run(cfg, out, prompts, tok, stop_ids, probe_ids(tok), marks, learners, engines, rewards)
             ctx.reference = start_reference(cfg, model_path, is_vl, learners)
+            ctx.probe_atol = calibrate_probe_atol(cfg, learners, engines, ctx.probe_ids)
             start = resume(ctx)
             train(ctx, start, eval_set)
         final = runs.export(cfg, learners, processing, out / "final")
@@ -404,14 +406,14 @@ def sync_weights(ctx: Run, version: int) -> dict[str, float]:
     args = (ctx.learners, ctx.engines, version)
     if cfg.model.lora:
         root = ctx.out / "adapters"
-        reports = sync_lora_from_learners(*args, str(root), ctx.probe_ids, cfg.rollout.probe_atol)
+        reports = sync_lora_from_learners(*args, str(root), ctx.probe_ids, ctx.probe_atol)
         _prune_adapters(root, version)
     elif cfg.rollout.sync == "stream":
         reports = stream_sync_from_learners(
-            *args, cfg.rollout.bucket_mb, probe_ids=ctx.probe_ids, atol=cfg.rollout.probe_atol
+            *args, cfg.rollout.bucket_mb, probe_ids=ctx.probe_ids, atol=ctx.probe_atol
         )
     else:
-        reports = sync_from_learners(*args, cfg.rollout.bucket_mb, ctx.probe_ids, cfg.rollout.probe_atol)
+        reports = sync_from_learners(*args, cfg.rollout.bucket_mb, ctx.probe_ids, ctx.probe_atol)
     ctx.version = version
     return {
         "sync/seconds": time.perf_counter() - t0,
@@ -427,6 +429,17 @@ def _prune_adapters(root: Path, version: int) -> None:
     for folder in root.glob("v*"):
         if folder.name[1:].isdigit() and int(folder.name[1:]) < version - 1:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def calibrate_probe_atol(cfg: Any, learners: Any, engines: Any, ids: list[int]) -> float:
+    """The probe tolerance of this run (RL, on-policy distillation): `rollout.probe_atol` (default by
+    `model.dtype`) on top of the learner-vs-engine difference on the starting weights."""
+    from posttrain.rollout.weight_sync import PROBE_ATOL, calibrate_probe
+
+    atol = cfg.rollout.probe_atol or PROBE_ATOL[cfg.model.dtype]
+    baseline, tolerance = calibrate_probe(learners, engines, ids, atol)
+    log.info("weight-sync probe: %.3g on the starting weights, tolerance %.3g", baseline, tolerance)
+    return tolerance
 
 
 def probe_ids(tokenizer: Any) -> list[int]:
@@ -472,18 +485,19 @@ def start_learners(cfg: RLConfig, model_path: str, is_vl: bool) -> Any:
 def start_engines(cfg: Any, model_path: str, is_vl: bool, name: str = "rollout") -> Any:
     """The engine group of a stage config with `rollout`, `model`, `train.seed` and `ray` (RL, distill)."""
     from posttrain.rollout import RolloutGroup
+    from posttrain.workers import resolve_device
 
     r, lora = cfg.rollout, cfg.model.lora
     return RolloutGroup(
         model_path,
         r.num_engines,
         num_cpus=r.cpus_per_engine,
+        device=resolve_device(cfg.device),
         name=name,
         sync_timeout_s=r.sync_timeout_s,
         ray_address=cfg.ray.address,
-        gpu_memory_utilization=r.gpu_memory_utilization,
         max_model_len=r.max_model_len,
-        tensor_parallel_size=r.tensor_parallel_size,
+        **r.group_kwargs(),
         dtype=cfg.model.dtype,
         seed=cfg.train.seed,
         enable_lora=lora is not None,
@@ -503,16 +517,18 @@ def start_reference(cfg: RLConfig, model_path: str, is_vl: bool, learners: Any) 
     if cfg.model.lora is not None:
         return learners
     from posttrain.learner import Reference
-    from posttrain.workers import WorkerGroup
+    from posttrain.workers import WorkerGroup, device_env, resolve_device
 
-    ref = cfg.reference
+    ref, device = cfg.reference, resolve_device(cfg.device)
     return WorkerGroup(
         Reference,
         ref.num_workers,
         num_cpus=ref.cpus_per_worker,
-        num_gpus=ref.gpus_per_worker if _on_gpu(cfg) else 0,
+        num_gpus=ref.gpus_per_worker if device == "cuda" else 0,
         name="reference",
         init_args=(cfg.stage, cfg.model_dump(mode="json"), model_path, is_vl),
+        env=device_env(device),
+        config_key="reference",
     )
 
 
@@ -614,12 +630,6 @@ def _shards(items: list[Any], parts: int) -> list[list[Any]]:
 def _pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id
     return int(pad if pad is not None else tokenizer.eos_token_id)
-
-
-def _on_gpu(cfg: RLConfig) -> bool:
-    import torch
-
-    return cfg.learners.device == "cuda" or (cfg.learners.device == "auto" and torch.cuda.is_available())
 
 
 def _mean(values: list[Any]) -> float:

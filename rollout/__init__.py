@@ -1,6 +1,6 @@
 """posttrain.rollout: vLLM rollout engines on Ray, thinking budgets, versioned learner -> engine weight sync.
 
-    engines = RolloutGroup(model_path, num_engines=2, gpu_memory_utilization=0.3, max_model_len=1024)
+    engines = RolloutGroup(model_path, num_engines=2, max_model_len=1024)   # device="cuda" on GPUs
     results = engines.generate([RolloutRequest(prompt_ids, n=4, max_tokens=64, seed=0)])
     sync_from_learners(learners, engines, version=1, probe_ids=probe)   # raises WeightSyncError
     logprob_mismatch([s.logprobs for s in samples], learner_logprobs)  # {"mean_abs", "max_abs", "tokens"}
@@ -9,6 +9,7 @@ See engine.py (generation, reload path in vLLM 0.32) and weight_sync.py (buckets
 """
 
 from posttrain.rollout.engine import (
+    EngineStartError,
     RolloutEngine,
     RolloutGroup,
     RolloutRequest,
@@ -36,6 +37,7 @@ from posttrain.rollout.weight_sync import (
 
 __all__ = [
     "Bucket",
+    "EngineStartError",
     "Probe",
     "RolloutEngine",
     "RolloutGroup",

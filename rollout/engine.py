@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.config import ConfigError
 from posttrain.rollout.weight_sync import (
     Bucket,
     Probe,
@@ -37,6 +38,13 @@ from posttrain.rollout.weight_sync import (
 
 THINK_END_TEXT = "</think>\n\n"
 BUCKET_FETCH_TIMEOUT_S = 600.0
+CPU_KV_BLOCK_TOKENS = 128  # vLLM 0.32's CPU block size: a sequence holds whole blocks
+CPU_KV_FLOOR_BYTES = 64 << 20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class EngineStartError(ConfigError):
+    """An engine group could not start: names the group, the model, vLLM's reason and the key to change."""
 
 
 @dataclass
@@ -78,10 +86,60 @@ class RolloutResult:
     weight_version: int = 0
 
 
-def _on_gpu() -> bool:
-    import torch
+def head_dim(model_config: dict[str, Any]) -> int:
+    text = model_config.get("text_config") or model_config
+    return int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
 
-    return torch.cuda.is_available()
+
+def kv_bytes_per_token(model_config: dict[str, Any], dtype: str) -> int:
+    """Bytes of K and V one token occupies over all layers (the text model's, for a VL config)."""
+    text = model_config.get("text_config") or model_config
+    kv_heads = text.get("num_key_value_heads") or text["num_attention_heads"]
+    return 2 * text["num_hidden_layers"] * kv_heads * head_dim(model_config) * DTYPE_BYTES[dtype]
+
+
+def _check_cpu_head_dim(model_config: dict[str, Any]) -> None:
+    """vLLM meets an unsupported head size only at the first generate once its warm-up is skipped (eager
+    with an explicit KV size): check at start with vLLM's own list."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim(model_config) not in supported:
+        raise ValueError(f"head_dim {head_dim(model_config)} is not supported by vLLM's CPU attention")
+
+
+def cpu_kv_cache(
+    per_token: int, max_model_len: int, max_num_seqs: int, kv_cache_gib: float | None = None
+) -> tuple[int, int]:
+    """(KV cache bytes, sequences at once) for a CPU engine, sized by what it runs, not by the host's RAM:
+    `max_num_seqs` full-length sequences (at least CPU_KV_FLOOR_BYTES). With an explicit `kv_cache_gib` the
+    sequences at once shrink to what fits, so vLLM never preempts (its CPU recompute path cannot rewind a
+    seeded sampler)."""
+    per_seq = -(-max_model_len // CPU_KV_BLOCK_TOKENS) * CPU_KV_BLOCK_TOKENS * per_token
+    if kv_cache_gib is None:
+        return max(CPU_KV_FLOOR_BYTES, max_num_seqs * per_seq), max_num_seqs
+    nbytes = int(kv_cache_gib * (1 << 30))
+    if nbytes < per_seq:
+        raise ValueError(
+            f"kv_cache_gib={kv_cache_gib:g} holds less than one sequence of max_model_len={max_model_len} "
+            f"({per_seq / (1 << 30):.3g} GiB at {per_token} bytes per token)"
+        )
+    return nbytes, min(max_num_seqs, nbytes // per_seq)
+
+
+def _model_config(model_path: str) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    folder = Path(model_path).expanduser()
+    if (folder / "config.json").is_file():
+        config: dict[str, Any] = json.loads((folder / "config.json").read_text())
+        return config
+    if folder.exists() or model_path.startswith(("/", ".", "~")) or model_path.count("/") > 1:
+        raise FileNotFoundError(f"{model_path} is not a local folder with a config.json")
+    from transformers import AutoConfig  # a hub id (owner/name): its cached config, never remote code
+
+    return dict(AutoConfig.from_pretrained(model_path).to_dict())
 
 
 class RolloutEngine:
@@ -95,7 +153,10 @@ class RolloutEngine:
         self,
         model_path: str,
         *,
+        device: str = "cpu",
         gpu_memory_utilization: float | None = None,
+        kv_cache_gib: float | None = None,
+        max_num_seqs: int = 256,
         max_model_len: int = 2048,
         tensor_parallel_size: int = 1,
         dtype: str | None = None,
@@ -110,15 +171,12 @@ class RolloutEngine:
         extra_llm_args: dict[str, Any] | None = None,
     ) -> None:
         t0 = time.perf_counter()  # load_seconds includes importing vLLM
-        gpu = _on_gpu()
+        gpu = device == "cuda"
         in_process = tensor_parallel_size == 1
         if in_process:
             # Must precede the first vllm import: EngineCore and its one worker live in this process,
             # so weight buckets reach the model runner without serialisation.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        import json
-        from pathlib import Path
-
         from vllm import LLM
 
         self.name = f"{name}-{os.environ.get('RANK', '0')}"
@@ -133,21 +191,27 @@ class RolloutEngine:
             "logprobs_mode": "processed_logprobs",
             "tensor_parallel_size": tensor_parallel_size,
             "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
-            "gpu_memory_utilization": gpu_memory_utilization or (0.9 if gpu else 0.3),
+            "max_num_seqs": max_num_seqs,
         }
         if dtype or not gpu:
             args["dtype"] = dtype or "float32"
+        model_config = _model_config(model_path)
+        if gpu:
+            args["gpu_memory_utilization"] = gpu_memory_utilization or 0.9
+            if kv_cache_gib is not None:
+                args["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        else:  # vLLM would take a share of one NUMA node's RAM minus its own RSS: fragile, so bytes
+            _check_cpu_head_dim(model_config)
+            per_token = kv_bytes_per_token(model_config, args["dtype"])
+            kv_bytes, seqs = cpu_kv_cache(per_token, max_model_len, max_num_seqs, kv_cache_gib)
+            args.update(kv_cache_memory_bytes=kv_bytes, max_num_seqs=seqs)
         if not gpu:
             # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill, which a
             # CPU generator cannot do ("CPU Generator does not use offset"): prefill whole prompts only.
             args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         # TP > 1: Ray workers (they can fetch the buckets from the object store themselves); untested here.
         args["distributed_executor_backend"] = "uni" if in_process else "ray"
-        config_file = Path(model_path) / "config.json"
-        if config_file.is_file():
-            self.is_vl = "vision_config" in json.loads(config_file.read_text())
-        else:  # a hub id: VL when the caller sets an image limit
-            self.is_vl = limit_images is not None
+        self.is_vl = "vision_config" in model_config
         if self.is_vl:
             args["limit_mm_per_prompt"] = {"image": limit_images or 4, "video": 0}
         if enable_lora:
@@ -174,6 +238,8 @@ class RolloutEngine:
             "load_seconds": self.load_seconds,
             "is_vl": self.is_vl,
             "think_end_ids": self.think_end_ids,
+            "kv_cache_bytes": self.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes,
+            "max_num_seqs": self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
         }
 
     # ------------------------------------------------------------------------------------ generation
@@ -515,6 +581,44 @@ def _sample(req: RolloutRequest, c: Any) -> RolloutSample:
 # ------------------------------------------------------------------------------------------ the group
 
 
+class EngineActor(RolloutEngine):
+    """The actor form of RolloutEngine: a failed start is kept as one line for `info`, so the group can
+    raise EngineStartError instead of Ray printing the creation task's traceback."""
+
+    def __init__(self, model_path: str, options: dict[str, Any] | None = None) -> None:
+        self.start_error: str | None = None
+        try:
+            super().__init__(model_path, options)
+        except Exception as e:
+            self.start_error = one_line_reason(e)
+
+    def info(self) -> dict[str, Any]:
+        return {"start_error": self.start_error} if self.start_error else super().info()
+
+
+def one_line_reason(error: BaseException) -> str:
+    """The root cause of `error` as `Type: message` on one line (vLLM wraps its reason in other errors)."""
+    root = error
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    text = " ".join(line.strip() for line in str(root).splitlines() if line.strip())
+    return f"{type(root).__name__}: {text[:600]}"
+
+
+def start_hint(reason: str, config_key: str, model_key: str) -> str:
+    """Which setting to change for a start failure, from vLLM's reason."""
+    low = reason.lower()
+    if "memory" in low or "kv cache" in low:
+        return (
+            f"lower {config_key}.max_num_seqs or {config_key}.max_model_len, or set {config_key}.kv_cache_gib"
+        )
+    if "head_dim" in low:
+        return "vLLM's CPU attention takes head_dim 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512"
+    if any(k in low for k in ("no such file", "not a local folder", "does not appear to have", "repo id")):
+        return f"check {model_key}: it must be a Hugging Face model folder"
+    return f"check the {config_key}.* settings and {model_key}"
+
+
 class RolloutGroup:
     """N RolloutEngine actors (one placement-group bundle each); requests split in contiguous chunks."""
 
@@ -524,33 +628,68 @@ class RolloutGroup:
         num_engines: int = 1,
         *,
         num_cpus: float = 1,
-        num_gpus: float | None = None,
+        device: str = "cpu",
         name: str = "rollout",
+        config_key: str = "rollout",
+        model_key: str = "model.path",
+        start_timeout_s: float = 600.0,
         sync_timeout_s: float = 600.0,
         ray_address: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        from posttrain.workers import WorkerGroup, init_ray
+        """`device`: "cpu" or "cuda" (resolved by the caller); `config_key` / `model_key`: the config keys a
+        start failure names (e.g. "teacher", "teacher.path")."""
+        from posttrain.workers import WorkerGroup, device_env, init_ray
 
-        gpu = _on_gpu()
         init_ray(ray_address, num_cpus=int(num_engines * num_cpus + 0.999))
         tp = int(engine_kwargs.get("tensor_parallel_size", 1))
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {}
+        env = device_env(device)
+        if tp == 1:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         t0 = time.perf_counter()
         self.workers = WorkerGroup(
-            RolloutEngine,
+            EngineActor,
             num_engines,
             num_cpus=num_cpus,
-            num_gpus=(tp if num_gpus is None else num_gpus) if gpu else 0,
+            num_gpus=tp if device == "cuda" else 0,
             name=name,
-            init_args=(model_path, {**engine_kwargs, "name": name}),
+            init_args=(model_path, {**engine_kwargs, "name": name, "device": device}),
             env=env,
+            config_key=config_key,
         )
-        self.infos = self.workers.call("info")
+        self.infos = self._started(model_path, start_timeout_s, config_key, model_key)
         self.start_seconds = time.perf_counter() - t0
         self.sync_timeout_s = sync_timeout_s
         self.version = 0
         self._queues: tuple[int, list[Any]] | None = None  # (maxsize, one Queue per engine)
+
+    def _started(self, model_path: str, timeout_s: float, config_key: str, model_key: str) -> list[Any]:
+        """Every engine's info, or EngineStartError for the first that failed, died or did not answer."""
+        import ray
+
+        calls = [a.info.remote() for a in self.workers.actors]
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
+        infos, reason = [], None
+        for ref in calls:
+            if ref not in ready:
+                reason = f"TimeoutError: not started within {timeout_s:.0f} s ({config_key}.start_timeout_s)"
+                break
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayActorError as e:  # killed (out of memory) or crashed while loading
+                reason = f"engine process died: {str(e).splitlines()[0]}"
+                break
+            if info.get("start_error"):
+                reason = info["start_error"]
+                break
+            infos.append(info)
+        if reason is None:
+            return infos
+        self.workers.shutdown(barrier=False)
+        raise EngineStartError(
+            f"{self.workers.name} engines (model {model_path}) could not start: {reason}; "
+            f"{start_hint(reason, config_key, model_key)}"
+        )
 
     def __len__(self) -> int:
         return len(self.workers)

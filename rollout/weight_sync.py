@@ -357,6 +357,33 @@ def stream_sync_from_learners(
             engines.discard_stream_queues()
 
 
+PROBE_ATOL = {"float32": 1e-4, "bfloat16": 5e-2}
+"""Default probe tolerance per dtype, on top of the kernel difference measured at calibration."""
+PROBE_BASELINE_FACTOR = 2.0
+"""Later syncs may differ from the learners by up to this × the calibrated difference (+ the atol)."""
+
+
+def calibrate_probe(learners: Any, engines: Any, probe_ids: list[int], atol: float) -> tuple[float, float]:
+    """(baseline, tolerance) of the probe for this run. Call while learners and engines hold the same
+    weights (before any update or resume): their probe logprobs then differ only by their kernels (vLLM's
+    and HF's bf16 kernels differ by more than any fixed float32 bound). A later sync passes when it
+    differs by at most `atol + PROBE_BASELINE_FACTOR × baseline`; the checksums prove the bytes arrived.
+    A baseline over 10 × atol means the engines serve another model or dtype: WeightSyncError."""
+    expected = learner_probe(learners, probe_ids).expected
+    served = engines.workers.call("prompt_logprobs", [probe_ids])
+    baseline = max(
+        max((abs(a - b) for a, b in zip(got[0], expected, strict=True)), default=0.0) for got in served
+    )
+    if not baseline <= 10 * atol:  # also catches NaN
+        raise WeightSyncError(
+            0,
+            engines.workers.name,
+            f"engines and learners differ by {baseline:.3g} on the same weights (> 10 × probe_atol "
+            f"{atol:g}): they do not serve the same model or dtype",
+        )
+    return baseline, atol + PROBE_BASELINE_FACTOR * baseline
+
+
 def learner_probe(learners: Any, probe_ids: list[int], atol: float = 1e-4) -> Probe:
     """A Probe whose expected logprobs are the learners' `token_logprobs` of `probe_ids` (all ranks run
     the forward, as ZeRO-3 needs)."""

@@ -203,7 +203,7 @@ def _cli(out: Path, teacher: Path, student: Path, data: Path, *extra: str) -> li
             "mode=offline", f"output_dir={out}", f"teacher.path={teacher}", "teacher.init_from_sft=null", f"model.path={student}",
             f"data.train.0.path={data}", f"data.eval.path={data}", "train.global_batch_size=8",
             "train.micro_batch_size=4", "train.lr_scheduler=constant", "train.warmup_steps=0", "train.max_steps=4",
-            "store.shard_rows=6", "teacher.cpus_per_engine=1", "teacher.gpu_memory_utilization=0.05",
+            "store.shard_rows=6", "teacher.cpus_per_engine=1",
             "learners.cpus_per_learner=1", "eval.max_samples=4", "eval.max_new_tokens=8", "eval.every_steps=null",
             "checkpoint.every_steps=1", "logging.progress=false", *extra]  # fmt: skip
 
@@ -288,7 +288,7 @@ def test_on_policy_with_teacher_engines_full_and_lora(
     """The student's engines sample, the teacher's engines score, the learners train and sync back (probe
     checked); once with top-k JSD on all weights, once with the sampled reverse KL on a LoRA adapter."""
     common = ("mode=on_policy", "train.max_steps=2", "rollout.max_tokens=16", "rollout.max_model_len=256",
-              "rollout.gpu_memory_utilization=0.05", "data.max_prompt_length=64", "train.lr=1e-3")  # fmt: skip
+              "data.max_prompt_length=64", "train.lr=1e-3")  # fmt: skip
     full = tmp_path / "full"
     _run(_cli(full, tiny_text_model, micro_model, arithmetic, *common, "loss.type=jsd", "loss.beta=0.5"))
     rows = _train_rows(full)

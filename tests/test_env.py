@@ -16,7 +16,7 @@ from posttrain.tasks import SHAPES_PROMPT, render_shapes, shape_scene
 
 LLM_ARGS = {
     "enforce_eager": True,
-    "gpu_memory_utilization": 0.25,
+    "kv_cache_memory_bytes": 64 << 20,  # bytes, not a share of one NUMA node's RAM
     "dtype": "float32",
     "max_model_len": 512,
     "seed": 0,

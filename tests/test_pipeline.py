@@ -123,7 +123,6 @@ def test_pipeline_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
             "path": "runs/data/arithmetic",
             "max_samples": 8,
             "max_new_tokens": 64,
-            "gpu_memory_utilization": 0.05,
         },
     }
     config = tmp_path / "pipeline.yaml"

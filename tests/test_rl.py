@@ -104,9 +104,7 @@ def test_a_killed_engine_ends_the_run_with_a_named_error(
             assert proc.poll() is None and time.monotonic() < deadline, "run ended before step 1"
             time.sleep(0.05)
         engines = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if "RolloutEngine" in " ".join(p.info["cmdline"] or [])
+            p for p in psutil.process_iter(["cmdline"]) if "EngineActor" in " ".join(p.info["cmdline"] or [])
         ]
         assert engines, "no engine actor process found"
         for p in engines:

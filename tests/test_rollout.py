@@ -46,6 +46,30 @@ def test_logprob_mismatch_hand_computed() -> None:
         logprob_mismatch([[0.0]], [[0.0, 1.0]])
 
 
+class _Fixed:
+    """A group whose `call` returns fixed per-rank results (the probe's logprobs), for the pure parts."""
+
+    def __init__(self, *results: Any) -> None:
+        self.results, self.name, self.workers = list(results), "rollout", self
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return self.results
+
+
+def test_probe_calibrated_on_identical_weights() -> None:
+    """bf16 kernels differ by more than any fixed float32 bound: the tolerance is the dtype's atol plus
+    twice the difference measured on the starting weights; a baseline over 10 × atol is another model."""
+    from posttrain.rollout.weight_sync import PROBE_ATOL, calibrate_probe
+
+    learners = _Fixed(torch.tensor([[-1.0, -2.0, -0.5]]))
+    engines = _Fixed([[-1.03, -2.0, -0.52]], [[-1.0, -2.01, -0.5]])  # two engines: the larger counts
+    baseline, tolerance = calibrate_probe(learners, engines, [1, 2, 3, 4], PROBE_ATOL["bfloat16"])
+    assert baseline == pytest.approx(0.03) and tolerance == pytest.approx(0.05 + 2 * 0.03)
+    assert calibrate_probe(learners, _Fixed([[-1.0, -2.0, -0.5]]), [1, 2, 3, 4], 1e-4) == (0.0, 1e-4)
+    with pytest.raises(WeightSyncError, match="differ by 0.03 on the same weights"):
+        calibrate_probe(learners, engines, [1, 2, 3, 4], PROBE_ATOL["float32"])
+
+
 def test_split_evenly_and_buckets() -> None:
     assert split_evenly(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
     assert split_evenly([1], 3) == [[1], [], []]

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import ConfigError, RayConfig, Strict, load_config
+from posttrain.config import ConfigError, Device, EngineSettings, RayConfig, Strict, load_config
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -35,7 +35,7 @@ class Variant(Strict):
     """The exported chat template's default: think (`thinking/`) or answer directly (`instruct/`)."""
 
 
-class PipelineEval(Strict):
+class PipelineEval(EngineSettings):
     path: str
     """Dataset folder or file holding the held-out splits (rows with `solution`)."""
     splits: list[str] = Field(["test", "test_hard"], min_length=1)
@@ -46,8 +46,6 @@ class PipelineEval(Strict):
     """Greedy generation length."""
     max_model_len: int = Field(512, ge=16)
     """Prompt + response tokens the evaluation engine accepts."""
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    """vLLM's memory fraction for the evaluation engine (on CPU: of the KV cache space)."""
 
 
 class PipelineConfig(Strict):
@@ -64,6 +62,9 @@ class PipelineConfig(Strict):
     """Write `report.html` (plots of every stage's metrics and the accuracy table)."""
     ray: RayConfig = RayConfig()
     """The cluster every stage runs on (the stages' own `ray` sections are ignored)."""
+    device: Device = "auto"
+    """Where every stage's learners and engines and the evaluation engines run (overrides the stages'
+    own `device`): `auto` uses CUDA when the driver sees a GPU, `cpu` pins the CPU."""
 
     @model_validator(mode="after")
     def _references(self) -> PipelineConfig:
@@ -92,10 +93,11 @@ class PipelineConfig(Strict):
 
     def stage_config(self, index: int, models: Mapping[str, Path]) -> Any:
         """Stage `index`'s validated config: its file, its overrides, earlier stages' models as inputs,
-        the pipeline's `ray`, and its folder `<output_dir>/<name>`."""
+        the pipeline's `ray` and `device`, and its folder `<output_dir>/<name>`."""
         spec = self.stages[index]
         wiring = [f"{key}={models[source]}" for key, source in self.inputs_of(index).items()]
         wiring += [f"ray.{k}={v}" for k, v in self.ray.model_dump().items() if v is not None]
+        wiring.append(f"device={self.device}")
         wiring.append(f"output_dir={Path(self.output_dir).resolve() / spec.name}")
         try:
             return load_config(spec.stage, spec.config, [*spec.overrides, *wiring])

@@ -159,6 +159,7 @@ def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool
     from posttrain.data import load_processing
     from posttrain.evaluation import EvalSet
     from posttrain.rollout import RolloutGroup
+    from posttrain.workers import resolve_device
 
     assert cfg.eval is not None
     e = cfg.eval
@@ -166,10 +167,13 @@ def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool
     engines = RolloutGroup(
         str(path),
         1,
+        device=resolve_device(cfg.device),
         name="eval",
+        config_key="eval",
+        model_key=f"the {label} model ({path})",
         ray_address=cfg.ray.address,
-        gpu_memory_utilization=e.gpu_memory_utilization,
         max_model_len=e.max_model_len,
+        **e.group_kwargs(),
         seed=0,
         limit_images=4 if is_vl else None,
     )
