@@ -37,19 +37,18 @@ def prepare_inputs(model_cfg: ModelConfig, datasets: list[DatasetSpec | None]) -
 
 def start_learners(cfg: TrainingStage, model_path: str, is_vl: bool, total_steps: int) -> Any:
     from posttrain.learner import Learner
-    from posttrain.workers import WorkerGroup, device_env, init_ray, resolve_device
+    from posttrain.workers import WorkerGroup, init_ray, resolve_device
 
     lc = cfg.learners
-    device = resolve_device(cfg.device)
     init_ray(cfg.ray.address, cfg.ray.num_cpus or int(lc.num_learners * lc.cpus_per_learner + 0.999))
     return WorkerGroup(
         Learner,
         lc.num_learners,
         num_cpus=lc.cpus_per_learner,
-        num_gpus=lc.gpus_per_learner if device == "cuda" else 0,
+        num_gpus=lc.gpus_per_learner,
+        device=resolve_device(cfg.device),
         name="learner",
         init_args=(cfg.stage, cfg.model_dump(mode="json"), model_path, is_vl, total_steps),
-        env=device_env(device),
     )
 
 

@@ -137,13 +137,18 @@ class WorkerGroup:
         name: str = "workers",
         init_args: Sequence[Any] = (),
         env: dict[str, str] | None = None,
+        device: str | None = None,
         config_key: str = "learners",
     ) -> None:
-        """`config_key`: the config section an impossible placement names."""
+        """`device` ("cpu" / "cuda"): pin every worker to it (`num_gpus` counts only on "cuda");
+        `config_key`: the config section an impossible placement names."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        if device is not None:
+            num_gpus = num_gpus if device == "cuda" else 0
+            env = {**device_env(device), **(env or {})}
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         check_placement(name, config_key, bundle, num_workers)
         self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=name)

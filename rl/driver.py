@@ -517,17 +517,17 @@ def start_reference(cfg: RLConfig, model_path: str, is_vl: bool, learners: Any) 
     if cfg.model.lora is not None:
         return learners
     from posttrain.learner import Reference
-    from posttrain.workers import WorkerGroup, device_env, resolve_device
+    from posttrain.workers import WorkerGroup, resolve_device
 
-    ref, device = cfg.reference, resolve_device(cfg.device)
+    ref = cfg.reference
     return WorkerGroup(
         Reference,
         ref.num_workers,
         num_cpus=ref.cpus_per_worker,
-        num_gpus=ref.gpus_per_worker if device == "cuda" else 0,
+        num_gpus=ref.gpus_per_worker,
+        device=resolve_device(cfg.device),
         name="reference",
         init_args=(cfg.stage, cfg.model_dump(mode="json"), model_path, is_vl),
-        env=device_env(device),
         config_key="reference",
     )
 

@@ -639,22 +639,20 @@ class RolloutGroup:
     ) -> None:
         """`device`: "cpu" or "cuda" (resolved by the caller); `config_key` / `model_key`: the config keys a
         start failure names (e.g. "teacher", "teacher.path")."""
-        from posttrain.workers import WorkerGroup, device_env, init_ray
+        from posttrain.workers import WorkerGroup, init_ray
 
         init_ray(ray_address, num_cpus=int(num_engines * num_cpus + 0.999))
         tp = int(engine_kwargs.get("tensor_parallel_size", 1))
-        env = device_env(device)
-        if tp == 1:
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         t0 = time.perf_counter()
         self.workers = WorkerGroup(
             EngineActor,
             num_engines,
             num_cpus=num_cpus,
-            num_gpus=tp if device == "cuda" else 0,
+            num_gpus=tp,
             name=name,
             init_args=(model_path, {**engine_kwargs, "name": name, "device": device}),
-            env=env,
+            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {},
+            device=device,
             config_key=config_key,
         )
         self.infos = self._started(model_path, start_timeout_s, config_key, model_key)
@@ -687,7 +685,7 @@ class RolloutGroup:
             return infos
         self.workers.shutdown(barrier=False)
         raise EngineStartError(
-            f"{self.workers.name} engines (model {model_path}) could not start: {reason}; "
+            f"{self.workers.name} engines (model {model_path}) could not start: {reason.rstrip('. ')}; "
             f"{start_hint(reason, config_key, model_key)}"
         )
 
