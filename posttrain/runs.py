@@ -112,8 +112,9 @@ def resume_meta(cfg: TrainingStage, learners: Any, out: Path) -> tuple[dict[str,
 
 def export(cfg: TrainingStage, learners: Any, processing: Any, final: Path) -> Path:
     """`final/`: HF folder (or PEFT adapter) + tokenizer/processor with its chat template, written atomically."""
-    import shutil
     import tempfile
+
+    from posttrain.checkpoint import publish_folder
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=final.parent))
@@ -122,8 +123,6 @@ def export(cfg: TrainingStage, learners: Any, processing: Any, final: Path) -> P
     processing.save_pretrained(tmp)
     if merge:
         processing.save_pretrained(tmp / "merged")
-    if final.exists():
-        shutil.rmtree(final)
     tmp.chmod(0o755)
-    tmp.rename(final)
+    publish_folder(tmp, final)
     return final

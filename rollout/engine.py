@@ -670,7 +670,7 @@ class RolloutGroup:
         infos, reason = [], None
         for ref in calls:
             if ref not in ready:
-                reason = f"TimeoutError: not started within {timeout_s:.0f} s ({config_key}.start_timeout_s)"
+                reason = f"TimeoutError: not started within {timeout_s:g} s ({config_key}.start_timeout_s)"
                 break
             try:
                 info = ray.get(ref)

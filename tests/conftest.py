@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 LONG_TESTS = {"test_distilled_student_beats_sft_only_at_equal_steps"}
@@ -38,3 +40,36 @@ def tiny_vl_model(tmp_path_factory: pytest.TempPathFactory):
     from posttrain.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "vl", "vl")
+
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+VOLATILE = ("time/", "_per_s", "seconds", "memory/")
+"""Metric keys that measure the machine, not the run: left out of golden files."""
+
+
+@pytest.fixture
+def golden():
+    """`golden(name, metrics_file)`: the run's deterministic metrics (every key but timings) must equal
+    `tests/golden/<name>.json` to 1e-6, step by step. CPU runs are deterministic on a machine of one kind;
+    POSTTRAIN_RECORD_GOLDEN=1 writes the file instead (after a change that is meant to alter behaviour)."""
+    import json
+    import os
+
+    from posttrain.metrics import read_metrics
+
+    def check(name: str, metrics_file: Path) -> None:
+        rows = [
+            {k: v for k, v in r.items() if isinstance(v, (int, float)) and not any(s in k for s in VOLATILE)}
+            for r in read_metrics(metrics_file)
+        ]
+        path = GOLDEN_DIR / f"{name}.json"
+        if os.environ.get("POSTTRAIN_RECORD_GOLDEN") == "1":
+            GOLDEN_DIR.mkdir(exist_ok=True)
+            path.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+            return
+        expected = json.loads(path.read_text())
+        assert [sorted(r) for r in rows] == [sorted(r) for r in expected], f"{name}: metric keys changed"
+        for got, want in zip(rows, expected, strict=True):
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-6), f"{name} step {want.get('step')}"
+
+    return check

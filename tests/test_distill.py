@@ -226,7 +226,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.integration
 def test_offline_store_resumes_mid_shard_and_matches_online(
-    tmp_path: Path, tiny_text_model: Path, micro_model: Path, arithmetic: Path
+    tmp_path: Path, tiny_text_model: Path, micro_model: Path, arithmetic: Path, golden
 ) -> None:
     """Capture once, train 4 steps; a second student run stopped after 2 steps resumes from the store
     position 16 (inside shard 2 of 6-row shards) without capturing again and ends bit-identical; the
@@ -242,7 +242,8 @@ def test_offline_store_resumes_mid_shard_and_matches_online(
         24,
         32,
     ]
-    assert rows[0]["distill/divergence"] > 0 and rows[0]["grad_norm"] > 0 and "eval/accuracy" in rows[-1]
+    assert "eval/accuracy" in rows[-1]
+    golden("distill_offline", whole / "metrics.jsonl")
     assert read_metrics(whole / "metrics.jsonl")[0]["capture/sequences"] == 48
     assert (whole / "final" / "config.json").is_file()
 
@@ -283,7 +284,7 @@ def test_tokenizer_mismatch_stops_before_anything_runs(
 
 @pytest.mark.integration
 def test_on_policy_with_teacher_engines_full_and_lora(
-    tmp_path: Path, tiny_text_model: Path, micro_model: Path, arithmetic: Path
+    tmp_path: Path, tiny_text_model: Path, micro_model: Path, arithmetic: Path, golden
 ) -> None:
     """The student's engines sample, the teacher's engines score, the learners train and sync back (probe
     checked); once with top-k JSD on all weights, once with the sampled reverse KL on a LoRA adapter."""
@@ -296,13 +297,14 @@ def test_on_policy_with_teacher_engines_full_and_lora(
     for key in ("distill/divergence", "distill/reverse_kl_k1", "response/tokens", "train/accuracy",
                 "time/generate", "time/teacher", "time/sync", "sync/probe_max_abs", "eval/accuracy"):  # fmt: skip
         assert key in rows[-1], key
-    assert rows[0]["distill/divergence"] > 0 and rows[0]["grad_norm"] > 0
+    golden("distill_on_policy_jsd", full / "metrics.jsonl")
     assert max(r["sync/probe_max_abs"] for r in rows) <= 1e-4
     lora = tmp_path / "lora"
     _run(_cli(lora, tiny_text_model, micro_model, arithmetic, *common, "loss.type=reverse_kl",
               "loss.estimator=sampled", "model.lora={r: 4, alpha: 8}"))  # fmt: skip
     rows = _train_rows(lora)
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["grad_norm"] > 0
+    assert [r["step"] for r in rows] == [1, 2]
+    golden("distill_on_policy_lora_sampled", lora / "metrics.jsonl")
     assert (lora / "final" / "adapter_config.json").is_file()
 
 

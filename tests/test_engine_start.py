@@ -156,7 +156,7 @@ def test_engine_start_failures_are_one_named_error(
             "head_dim 16 is not supported",
             "takes head_dim 32, 64",
         ),
-        (tiny_text_model, {"start_timeout_s": 0.5}, "not started within 0 s", "teacher.start_timeout_s"),
+        (tiny_text_model, {"start_timeout_s": 0.5}, "not started within 0.5 s", "teacher.start_timeout_s"),
     ]
     for model, options, reason, hint in cases:
         t0 = time.perf_counter()

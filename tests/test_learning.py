@@ -73,7 +73,8 @@ def test_tiny_rl_improves_a_weak_sft_checkpoint(tmp_path: Path) -> None:
 
 
 def test_tiny_vl_rl_improves_a_weak_sft_checkpoint(tmp_path: Path) -> None:
-    """Measured on 2 cores: 0.505 → 0.865 @10, 0.935 @20 and @30 as shipped."""
-    acc = run_rl("configs/tiny/rl_vl.yaml", tmp_path, "train.max_steps=10")
+    """Measured on 2 cores: 0.61 → 0.80 @10, 0.845 @20 as shipped. The margin is below that: the SFT start
+    and the RL trajectory differ with the CPU's floating-point paths."""
+    acc = run_rl("configs/tiny/rl_vl.yaml", tmp_path, "train.max_steps=20")
     print("eval/accuracy by step:", acc)
-    assert acc[10] - acc[0] >= 0.15
+    assert acc[20] - acc[0] >= 0.15

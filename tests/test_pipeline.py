@@ -72,6 +72,7 @@ def test_variant_template_defaults(tmp_path: Path, tiny_text_model: Path) -> Non
         assert (folder / "model.safetensors").is_file()
 
 
+@pytest.mark.integration
 def test_pipeline_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
     """The shipped stage configs, shortened: every stage trains, the variants export, the table and the
     report are written; a second run skips the finished stages."""

@@ -14,6 +14,8 @@ import pytest
 
 from posttrain.metrics import read_metrics
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 PARITY = f"{ROOT / 'tests/plugins/token_parity.py'}:even_tokens"
 
@@ -53,7 +55,7 @@ def _final_weights(out: Path) -> dict:
 
 
 def test_rl_outputs_and_exact_resume_after_kill(
-    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path, golden
 ) -> None:
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     _run(_cli(whole, tiny_text_model, arithmetic))
@@ -65,7 +67,7 @@ def test_rl_outputs_and_exact_resume_after_kill(
                 "mismatch/max_abs", "time/generate", "time/reward", "time/train", "time/sync",
                 "rollout/tokens_per_s", "sync/probe_max_abs", "eval/accuracy"):  # fmt: skip
         assert key in rows[-1] or key in first, key
-    assert first["advantage/abs_max"] > 0 and first["grad_norm"] > 0
+    golden("rl_sync", whole / "metrics.jsonl")
     assert first["actor/ratio_max"] == 1.0 and first["actor/clip_low_fraction"] == 0.0  # on-policy step
     assert max(r["mismatch/max_abs"] for r in rows) <= 1e-4  # learner vs engine after every sync
     assert max(r["sync/probe_max_abs"] for r in rows) <= 1e-4
@@ -119,7 +121,7 @@ def test_a_killed_engine_ends_the_run_with_a_named_error(
     assert not (out / "final").exists()
 
 
-def test_vl_rl_steps_with_image_prompts(tmp_path: Path, tiny_vl_model: Path) -> None:
+def test_vl_rl_steps_with_image_prompts(tmp_path: Path, tiny_vl_model: Path, golden) -> None:
     """Qwen3-VL: image prompts through the processor to the learners (expanded image pads, pixels) and
     the engines (one pad per image + the image); learner and engine agree on the sampled tokens."""
     from posttrain.config import TinyTask
@@ -135,13 +137,13 @@ def test_vl_rl_steps_with_image_prompts(tmp_path: Path, tiny_vl_model: Path) -> 
           "train.micro_batch_size=16", "eval.max_samples=4", "eval.max_new_tokens=12", "logging.progress=false"])  # fmt: skip
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["advantage/abs_max"] > 0 and rows[0]["grad_norm"] > 0
+    golden("rl_vl", out / "metrics.jsonl")
     assert max(r["mismatch/max_abs"] for r in rows) <= 1e-4
     assert (out / "final" / "processor_config.json").is_file()
 
 
 def test_async_dapo_with_reference_kl_and_importance_sampling(
-    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path, golden
 ) -> None:
     """Async generation (step k+1 sampled while step k trains), DAPO dynamic sampling, a reference actor
     group for the KL term, two mini-batches (old logprobs recomputed) and truncated importance sampling."""
@@ -152,14 +154,13 @@ def test_async_dapo_with_reference_kl_and_importance_sampling(
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["rollout/staleness"] for r in rows] == [0.0, 1.0, 1.0]
-    # k3 KL is ≥ 0; 0 on the first mini-batch (policy == reference), > 0 once the weights moved
-    assert all(0 <= r["actor/kl"] < 0.5 for r in rows) and rows[-1]["actor/kl"] > 0
-    assert all("actor/is_clipped_fraction" in r and r["rollout/rounds"] >= 1 for r in rows)
+    assert all("actor/is_clipped_fraction" in r for r in rows)
+    golden("rl_async_dapo_kl_is", out / "metrics.jsonl")  # KL, rounds, clip fractions: exact values
     assert rows[0]["mismatch/max_abs"] <= 1e-4  # on-policy first batch
 
 
 def test_lora_rl_on_two_learners_and_two_engines(
-    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path, golden
 ) -> None:
     """LoRA (adapter-only sync into vLLM, the KL reference is the base model with the adapter disabled) on
     2 ZeRO-2 learners × 2 engines: engines serve the learners' policy after every update."""
@@ -170,7 +171,7 @@ def test_lora_rl_on_two_learners_and_two_engines(
               "train.micro_batch_size=8", "train.lr=1e-3"))  # fmt: skip
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["grad_norm"] > 0 and rows[-1]["actor/kl"] > 0
+    golden("rl_lora_2x2", out / "metrics.jsonl")
     assert max(r["mismatch/max_abs"] for r in rows) <= 1e-4
     assert max(r["sync/probe_max_abs"] for r in rows) <= 1e-4
     assert (out / "final" / "adapter_config.json").is_file()

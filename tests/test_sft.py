@@ -91,7 +91,7 @@ def test_optimizer_offload_matches_adamw_and_bf16_trains(
     assert bf16[-1] < bf16[0] and abs(bf16[0] - adamw[0]) < 0.05
 
 
-def test_outputs_and_loadable_export(tmp_path: Path, tiny_text_model: Path, arithmetic: Path) -> None:
+def test_outputs_and_loadable_export(tmp_path: Path, tiny_text_model: Path, arithmetic: Path, golden) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
@@ -104,6 +104,7 @@ def test_outputs_and_loadable_export(tmp_path: Path, tiny_text_model: Path, arit
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard"} <= {
         p.name for p in out.iterdir()
     }
+    golden("sft", out / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all({"loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in steps)

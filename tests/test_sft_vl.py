@@ -13,7 +13,7 @@ from posttrain.metrics import read_metrics
 pytestmark = pytest.mark.integration
 
 
-def test_vl_sft_freezes_vision_tower_and_exports(tmp_path: Path, tiny_vl_model: Path) -> None:
+def test_vl_sft_freezes_vision_tower_and_exports(tmp_path: Path, tiny_vl_model: Path, golden) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -43,6 +43,7 @@ def test_vl_sft_freezes_vision_tower_and_exports(tmp_path: Path, tiny_vl_model: 
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert "eval/accuracy" in records[-1]
+    golden("sft_vl", out / "metrics.jsonl")
 
     before, after = (
         load_file(str(tiny_vl_model / "model.safetensors")),
