@@ -27,6 +27,7 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
         "sft",
         {
             "output_dir": str(tmp_path / "run"),
+            "device": "cpu",
             "model": {"path": str(tiny_text_model), "lora": {"r": 4, "alpha": 8, "merge_on_export": True}},
             "data": {
                 "train": [{"path": str(data_dir), "generate": {"train_size": 64, "test_size": 4}}],

@@ -82,6 +82,7 @@ def test_pipeline_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
     quiet = ["eval.max_samples=8", "eval.every_steps=null", "checkpoint.every_steps=null"]
     pipeline = {
         "output_dir": str(tmp_path / "out"),
+        "device": "cpu",
         "stages": [
             stage("sft", "sft", "sft_hybrid.yaml", overrides=[*small_data, *quiet, "train.max_steps=80"]),
             stage(

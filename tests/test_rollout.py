@@ -305,6 +305,7 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
         "sft",
         {
             "output_dir": str(tmp_path / "run"),
+            "device": "cpu",
             "model": {"path": str(tiny_text_model)},
             "data": {
                 "train": [{"path": str(tmp_path / "arith"), "generate": {"train_size": 32, "test_size": 4}}],
@@ -423,6 +424,7 @@ def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path
         "sft",
         {
             "output_dir": str(tmp_path / "run"),
+            "device": "cpu",
             "model": {"path": str(tiny_text_model), "lora": {"r": 4, "alpha": 8}},
             "data": {
                 "train": [{"path": str(tmp_path / "arith"), "generate": {"train_size": 32, "test_size": 4}}],

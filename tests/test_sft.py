@@ -34,6 +34,7 @@ def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sft_config(out: Path, model_dir: Path, dataset: Path, **changes: Any) -> dict[str, Any]:
     raw = {
         "output_dir": str(out),
+        "device": "cpu",
         "model": {"path": str(model_dir)},
         "data": {"train": [{"path": str(dataset), "split": "train"}], "max_length": 128},
         "train": {

@@ -25,6 +25,7 @@ def test_vl_sft_freezes_vision_tower_and_exports(tmp_path: Path, tiny_vl_model: 
         "sft",
         {
             "output_dir": str(out),
+            "device": "cpu",
             "model": {"path": str(tiny_vl_model), "freeze_vision_tower": True},
             "data": {
                 "train": [

@@ -62,9 +62,9 @@ class PipelineConfig(Strict):
     """Write `report.html` (plots of every stage's metrics and the accuracy table)."""
     ray: RayConfig = RayConfig()
     """The cluster every stage runs on (the stages' own `ray` sections are ignored)."""
-    device: Device = "auto"
-    """Where every stage's learners and engines and the evaluation engines run (overrides the stages'
-    own `device`): `auto` uses CUDA when the driver sees a GPU, `cpu` pins the CPU."""
+    device: Device | None = None
+    """Where every stage's learners and engines and the evaluation engines run, overriding the stages'
+    own `device` (None: each stage's own; the evaluation engines then use `auto`)."""
 
     @model_validator(mode="after")
     def _references(self) -> PipelineConfig:
@@ -97,7 +97,8 @@ class PipelineConfig(Strict):
         spec = self.stages[index]
         wiring = [f"{key}={models[source]}" for key, source in self.inputs_of(index).items()]
         wiring += [f"ray.{k}={v}" for k, v in self.ray.model_dump().items() if v is not None]
-        wiring.append(f"device={self.device}")
+        if self.device is not None:
+            wiring.append(f"device={self.device}")
         wiring.append(f"output_dir={Path(self.output_dir).resolve() / spec.name}")
         try:
             return load_config(spec.stage, spec.config, [*spec.overrides, *wiring])

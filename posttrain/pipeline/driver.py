@@ -167,7 +167,7 @@ def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool
     engines = RolloutGroup(
         str(path),
         1,
-        device=resolve_device(cfg.device),
+        device=resolve_device(cfg.device or "auto"),
         name="eval",
         config_key="eval",
         model_key=f"the {label} model ({path})",
