@@ -26,6 +26,7 @@ from typing import Any
 
 from posttrain.config import ConfigError, dump_config
 from posttrain.distill.config import DistillConfig
+from posttrain.metrics import due
 
 log = logging.getLogger("posttrain.distill")
 
@@ -360,11 +361,11 @@ def train_loop(
             record["time/teacher" if isinstance(stream, OnlineStream) else "time/read_store"] = fetch
             record["store/position"] = float(stream.position)
             done = step + 1
-            if eval_set and (done == total or _due(done, cfg.eval.every_steps)):
+            if eval_set and due(done, total, cfg.eval.every_steps):
                 record |= eval_set.evaluate(learners)
             metrics.log(done, record)
             metrics.advance()
-            if done == total or _due(done, cfg.checkpoint.every_steps):
+            if due(done, total, cfg.checkpoint.every_steps):
                 runs.save_checkpoint(cfg, learners, out, done, {"store_position": stream.position})
         metrics.close()
         return runs.export(cfg, learners, student.processing, out / "final")
@@ -412,7 +413,3 @@ def distill_update(cfg: DistillConfig, learners: Any, rows: list[Any], student: 
     if "teacher_topk_mass_sum" in totals:
         record["distill/teacher_topk_mass"] = totals["teacher_topk_mass_sum"] / tokens
     return record
-
-
-def _due(step: int, every: int | None) -> bool:
-    return every is not None and step % every == 0

@@ -20,6 +20,7 @@ from typing import Any
 
 from posttrain.data import NO_NEEDS, DataError
 from posttrain.distill.config import DistillConfig
+from posttrain.metrics import due
 
 log = logging.getLogger("posttrain.distill")
 
@@ -86,11 +87,11 @@ def train(ctx: OnPolicyRun, start: int, eval_set: Any) -> None:
     for step in range(start, total):
         record = on_policy_step(ctx)
         done = step + 1
-        if eval_set and (done == total or _due(done, cfg.eval.every_steps)):
+        if eval_set and due(done, total, cfg.eval.every_steps):
             record |= eval_set.evaluate_on_engines(ctx.engines)
         metrics.log(done, record)
         metrics.advance()
-        if done == total or _due(done, cfg.checkpoint.every_steps):
+        if due(done, total, cfg.checkpoint.every_steps):
             save_checkpoint(ctx, done)
     metrics.close()
 
@@ -219,7 +220,3 @@ def resume(ctx: OnPolicyRun) -> int:
     ctx.cursor = int(meta["cursor"])
     sync_weights(ctx, int(meta["version"]))
     return int(meta["step"])
-
-
-def _due(step: int, every: int | None) -> bool:
-    return every is not None and step % every == 0

@@ -10,6 +10,12 @@ from typing import Any
 from posttrain.config import LoggingConfig
 
 
+def due(done: int, total: int, every: int | None) -> bool:
+    """Whether a periodic action (evaluation, checkpoint) runs after step `done`: every `every` steps and
+    always after the last."""
+    return done == total or (every is not None and done % every == 0)
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Keep only records up to `step`: a resumed run re-logs later steps itself."""
     if not path.exists():

@@ -199,9 +199,6 @@ class WorkerGroup:
         """Run a module-level function `fn(actor_instance, *args)` inside every actor."""
         return self._gather([a.__ray_call__.remote(fn, *args) for a in self.actors])
 
-    def run_on(self, rank: int, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._gather([self.actors[rank].__ray_call__.remote(fn, *args)])[0]
-
     def _gather(self, refs: list[Any]) -> list[Any]:
         import ray
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import dump_config
+from posttrain.metrics import due
 from posttrain.rl.config import RLConfig
 
 log = logging.getLogger("posttrain.rl")
@@ -108,11 +109,11 @@ def train(ctx: Run, start: int, eval_set: Any) -> None:
     for step in range(start, total):
         record = rl_step(ctx, step)
         done = step + 1
-        if eval_set and (done == total or _due(done, cfg.eval.every_steps)):
+        if eval_set and due(done, total, cfg.eval.every_steps):
             record |= eval_set.evaluate_on_engines(ctx.engines)
         metrics.log(done, record)
         metrics.advance()
-        if done == total or _due(done, cfg.checkpoint.every_steps):
+        if due(done, total, cfg.checkpoint.every_steps):
             save_checkpoint(ctx, done)
     metrics.close()
 
@@ -634,7 +635,3 @@ def _pad_id(tokenizer: Any) -> int:
 
 def _mean(values: list[Any]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
-
-
-def _due(step: int, every: int | None) -> bool:
-    return every is not None and step % every == 0

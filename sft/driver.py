@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import SFTConfig, dump_config
+from posttrain.metrics import due
 
 log = logging.getLogger("posttrain.sft")
 
@@ -52,12 +53,12 @@ def run(cfg: SFTConfig) -> Path:
         for step in range(start, total_steps):
             record = train_step(learners, data, step, cfg)
             done = step + 1
-            if eval_set and (done == total_steps or _due(done, cfg.eval.every_steps)):
+            if eval_set and due(done, total_steps, cfg.eval.every_steps):
                 record |= eval_set.evaluate(learners)
             metrics.log(done, record)
             metrics.advance()
             last = record
-            if done == total_steps or _due(done, cfg.checkpoint.every_steps):
+            if due(done, total_steps, cfg.checkpoint.every_steps):
                 runs.save_checkpoint(cfg, learners, out, done)
         metrics.close()
         final = runs.export(cfg, learners, processing, out / "final")
@@ -107,7 +108,3 @@ def data_metrics(stats: Any) -> dict[str, Any]:
     flat = {k: v for k, v in asdict(stats).items() if isinstance(v, int)}
     flat |= {f"samples_{mode}": n for mode, n in stats.modes.items()}
     return {f"data/{k}": v for k, v in flat.items()}
-
-
-def _due(step: int, every: int | None) -> bool:
-    return every is not None and step % every == 0

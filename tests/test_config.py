@@ -148,3 +148,10 @@ def test_cli_dry_run_prints_resolved_config() -> None:
     proc = dry_run("train.lr=0.25")
     assert proc.returncode == 0
     assert "lr: 0.25" in proc.stdout and "zero_stage: 0" in proc.stdout
+
+
+def test_periodic_actions_are_due_every_n_steps_and_after_the_last() -> None:
+    from posttrain.metrics import due
+
+    assert [s for s in range(1, 11) if due(s, 10, 4)] == [4, 8, 10]
+    assert [s for s in range(1, 4) if due(s, 3, None)] == [3]
