@@ -40,6 +40,7 @@ THINK_END_TEXT = "</think>\n\n"
 BUCKET_FETCH_TIMEOUT_S = 600.0
 CPU_KV_BLOCK_TOKENS = 128  # vLLM 0.32's CPU block size: a sequence holds whole blocks
 CPU_KV_FLOOR_BYTES = 64 << 20
+GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -103,9 +104,9 @@ def _check_cpu_head_dim(model_config: dict[str, Any]) -> None:
     with an explicit KV size): check at start with vLLM's own list."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head_dim(model_config) not in supported:
-        raise ValueError(f"head_dim {head_dim(model_config)} is not supported by vLLM's CPU attention")
+    size = head_dim(model_config)
+    if size not in CPUAttentionBackend.get_supported_head_sizes():
+        raise ValueError(f"head_dim {size} is not supported by vLLM's CPU attention")
 
 
 def cpu_kv_cache(
@@ -118,11 +119,11 @@ def cpu_kv_cache(
     per_seq = -(-max_model_len // CPU_KV_BLOCK_TOKENS) * CPU_KV_BLOCK_TOKENS * per_token
     if kv_cache_gib is None:
         return max(CPU_KV_FLOOR_BYTES, max_num_seqs * per_seq), max_num_seqs
-    nbytes = int(kv_cache_gib * (1 << 30))
+    nbytes = int(kv_cache_gib * GIB)
     if nbytes < per_seq:
         raise ValueError(
             f"kv_cache_gib={kv_cache_gib:g} holds less than one sequence of max_model_len={max_model_len} "
-            f"({per_seq / (1 << 30):.3g} GiB at {per_token} bytes per token)"
+            f"({per_seq / GIB:.3g} GiB at {per_token} bytes per token)"
         )
     return nbytes, min(max_num_seqs, nbytes // per_seq)
 
@@ -199,13 +200,12 @@ class RolloutEngine:
         if gpu:
             args["gpu_memory_utilization"] = gpu_memory_utilization or 0.9
             if kv_cache_gib is not None:
-                args["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+                args["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
         else:  # vLLM would take a share of one NUMA node's RAM minus its own RSS: fragile, so bytes
             _check_cpu_head_dim(model_config)
             per_token = kv_bytes_per_token(model_config, args["dtype"])
             kv_bytes, seqs = cpu_kv_cache(per_token, max_model_len, max_num_seqs, kv_cache_gib)
             args.update(kv_cache_memory_bytes=kv_bytes, max_num_seqs=seqs)
-        if not gpu:
             # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill, which a
             # CPU generator cannot do ("CPU Generator does not use offset"): prefill whole prompts only.
             args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
