@@ -12,13 +12,13 @@ from pydantic import Field, model_validator
 from posttrain.config import (
     DatasetSpec,
     EngineSettings,
-    EvalConfig,
     OptimConfig,
+    SFTInit,
     Strict,
     TrainingStage,
 )
 from posttrain.rewards.config import RewardsConfig
-from posttrain.rl.config import RolloutConfig, SFTInit
+from posttrain.rollout.config import RolloutConfig
 
 MAX_TOP_K = 20
 """vLLM's `max_logprobs` as the rollout engines start it: the most top-k entries a teacher reports."""
@@ -161,7 +161,6 @@ class DistillConfig(TrainingStage):
     rollout: StudentRollout = StudentRollout()
     off_policy: OffPolicyConfig = OffPolicyConfig()
     train: DistillTrainConfig = DistillTrainConfig()
-    eval: EvalConfig = EvalConfig()
 
     @property
     def optimizer_batch(self) -> tuple[int, int, str]:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from posttrain.data import NO_NEEDS, DataError
+from posttrain.config import load_config
+from posttrain.data import NO_NEEDS, DataError, chat_messages, load_samples, render, split_reasoning
 from posttrain.distill.config import DistillConfig
+from posttrain.distill.teacher import Student, start_teacher
 from posttrain.rewards.registry import required_columns
+from posttrain.rewards.runtime import RewardRuntime
+from posttrain.rollout.engine import RolloutRequest
 
 log = logging.getLogger("posttrain.distill")
 
@@ -34,10 +38,6 @@ class TeacherPrompt:
 
 def build_teacher_prompts(cfg: DistillConfig, tokenizer: Any) -> list[TeacherPrompt]:
     """Every prompt row in every chat mode of `off_policy.modes`, rendered with the generation prompt."""
-    from dataclasses import replace
-
-    from posttrain.data import load_samples, render
-
     needs = required_columns(cfg.off_policy.rewards.rewards) if cfg.off_policy.rewards else NO_NEEDS
     out = []
     for spec in cfg.data.train:
@@ -58,12 +58,9 @@ def build_teacher_prompts(cfg: DistillConfig, tokenizer: Any) -> list[TeacherPro
     return out
 
 
-def run_off_policy(cfg: DistillConfig, out: Path, student: Any, teacher_path: str) -> Path:
+def run_off_policy(cfg: DistillConfig, out: Path, student: Student, teacher_path: str) -> Path:
     """Generate, filter and write the dataset; then run `off_policy.then_sft` on it when set. Returns the
     dataset folder, or the SFT run's `final/`."""
-    from posttrain.distill.driver import start_teacher
-    from posttrain.rollout import RolloutRequest
-
     o, tok = cfg.off_policy, student.tokenizer
     prompts = build_teacher_prompts(cfg, tok)
     stop = [tok.convert_tokens_to_ids("<|im_end|>")]
@@ -109,8 +106,6 @@ def run_off_policy(cfg: DistillConfig, out: Path, student: Any, teacher_path: st
 
 def answer_row(p: TeacherPrompt, ids: list[int], tok: Any, stop: list[int]) -> dict[str, Any]:
     """A `messages` row: the prompt's turns, then the teacher's answer with its reasoning split out."""
-    from posttrain.data import chat_messages, split_reasoning
-
     text = tok.decode([i for i in ids if i not in stop], skip_special_tokens=False)
     reasoning, answer = split_reasoning(text)
     if p.sample.mode == "non_thinking":
@@ -126,8 +121,6 @@ def answer_row(p: TeacherPrompt, ids: list[int], tok: Any, stop: list[int]) -> d
 
 def filter_by_reward(cfg: DistillConfig, rows: list[dict[str, Any]]) -> list[bool]:
     """Keep rows whose total reward (off_policy.rewards) is at least off_policy.min_reward and valid."""
-    from posttrain.rewards.runtime import RewardRuntime
-
     o = cfg.off_policy
     assert o.rewards is not None
     answers = [_answer_text(r) for r in rows]
@@ -154,9 +147,8 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path / "train.parquet")
 
 
-def run_sft_on(cfg: DistillConfig, out: Path, student: Any, data: Path) -> Path:
+def run_sft_on(cfg: DistillConfig, out: Path, student: Student, data: Path) -> Path:
     """`off_policy.then_sft` with the student and the written data; its run folder is `output_dir/sft`."""
-    from posttrain.config import load_config
     from posttrain.sft.driver import run as run_sft
 
     init = cfg.off_policy.then_sft

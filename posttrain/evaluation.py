@@ -35,8 +35,8 @@ class EvalSet:
         # the filler repeats prompt 0 and its output is dropped.
         order = list(range(len(self.prompts))) + [0] * (per_rank * world - len(self.prompts))
         shards = [order[r * per_rank : (r + 1) * per_rank] for r in range(world)]
-        args = [(self._batches(shard), self.cfg.max_new_tokens, self.eos_id) for shard in shards]
-        outputs = [ids for rank_out in learners.call_each("generate", args) for ids in rank_out]
+        batches = [self._batches(shard) for shard in shards]
+        outputs = learners.generate(batches, self.cfg.max_new_tokens, self.eos_id)
         return self.score(outputs[: len(self.prompts)])
 
     def evaluate_on_engines(self, engines: Any) -> dict[str, float]:

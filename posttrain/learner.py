@@ -13,10 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from posttrain.checkpoint import capture_rng, load_state, restore_rng, save_state
 from posttrain.config import TrainingStage, stage_model
+from posttrain.losses import lr_multiplier, next_token_logprobs
+from posttrain.metrics import quiet_libraries
+from posttrain.objectives import Norms, Objective, StepStats, merge_stats
+from posttrain.weights import SyncManifest, put_module_buckets, stream_module_buckets
 from posttrain.workers import resolve_device
 
 DS_TAG = "deepspeed"
+Batch = dict[str, Any]
+"""A collated micro-batch: name -> tensor."""
 log = logging.getLogger(__name__)
 
 
@@ -108,8 +115,6 @@ class Learner:
         import deepspeed
         import torch
 
-        from posttrain.runs import quiet_libraries
-
         quiet_libraries()
         self.cfg = cfg = stage_model(stage).model_validate(cfg_dict)
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -124,102 +129,40 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
         )
-        from posttrain.ds_checkpoint import SafeCheckpointEngine
+        from posttrain.ds_checkpoint import SafeCheckpointEngine  # imports deepspeed: actors only
 
         self.engine.checkpoint_engine = SafeCheckpointEngine()
 
     # ------------------------------------------------------------------------------------------ training
 
-    def train_step(self, micro_batches: list[dict[str, Any]], global_loss_tokens: int) -> dict[str, float]:
-        """Forward/backward every micro-batch, then one optimizer step.
+    def step(self, micro_batches: list[Batch], norms: Norms, objective: Objective) -> StepStats:
+        """Forward/backward every micro-batch under `objective`, then one optimizer step.
 
-        The loss is the token-summed NLL divided by the loss tokens of the whole global batch; DeepSpeed
-        divides gradients by the accumulation steps and averages them over ranks, so we scale those back:
-        any split of the global batch over learners and micro-batches gives the same gradient."""
-        from posttrain.losses import token_nll_sum
-
+        Each micro-batch's loss is already its share of the global loss (`norms` are the whole step's
+        counts); DeepSpeed divides gradients by the accumulation steps and averages them over ranks, so
+        we scale those back: any split of the global batch over learners and micro-batches gives the
+        same gradient."""
         assert len(micro_batches) == self.engine.gradient_accumulation_steps()
-        scale = self.world_size * len(micro_batches) / max(1, global_loss_tokens)
+        scale = self.world_size * len(micro_batches)
         lr = float(self.engine.get_lr()[0])
-        loss_sum, tokens, grad_norm = 0.0, 0, None
+        sums: dict[str, float] = {}
+        grad_norm = None
         for batch in micro_batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            labels = batch.pop("labels")
+            inputs, rest = split_model_inputs(batch, self.device)
             # No KV cache: with one, transformers stops reading packed rows' position ids as sample
             # boundaries and samples would attend to each other.
-            logits = self.engine(**batch, use_cache=False).logits
-            nll, _ = token_nll_sum(logits, labels)
-            self.engine.backward(nll * scale)
+            logits = self.engine(**inputs, use_cache=False).logits
+            loss, stats = objective(logits, inputs["input_ids"], rest, norms)
+            self.engine.backward(loss * scale)
             if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO optimizers report their own
             self.engine.step()
-            loss_sum += float(nll.detach())
-            tokens += int(batch["input_ids"].numel())
+            merge_stats(sums, {**{k: float(v) for k, v in stats.items()}, "loss": float(loss.detach())})
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        return {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": float(grad_norm), "lr": lr}
+        return StepStats(sums, float(grad_norm), lr)
 
-    def policy_step(
-        self, micro_batches: list[dict[str, Any]], norms: dict[str, float], algo: dict[str, Any]
-    ) -> dict[str, float]:
-        """One optimizer step of the RL objective (posttrain.rl.objective) over this rank's micro-batches.
-        `norms` are the whole update's token and sequence counts, so the loss is aggregated over the global
-        batch however it is split; DeepSpeed's averaging over ranks and accumulation steps is undone as in
-        `train_step`. Returns summed statistics (the driver divides by the global counts)."""
-        from posttrain.rl.objective import rl_objective
-
-        assert len(micro_batches) == self.engine.gradient_accumulation_steps()
-        scale = self.world_size * len(micro_batches)
-        lr = float(self.engine.get_lr()[0])
-        sums: dict[str, float] = {}
-        grad_norm = None
-        for batch in micro_batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            inputs = {k: batch.pop(k) for k in list(batch) if k in MODEL_INPUTS}
-            logits = self.engine(**inputs, use_cache=False).logits
-            loss, stats = rl_objective(logits, inputs["input_ids"], batch, norms, algo)
-            self.engine.backward(loss * scale)
-            if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
-                grad_norm = _grad_norm(self.engine.module)
-            self.engine.step()
-            for key, value in [*stats.items(), ("loss", loss.detach())]:
-                merge = max if key.endswith("_max") else float.__add__
-                sums[key] = merge(sums[key], float(value)) if key in sums else float(value)
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        return {**sums, "grad_norm": float(grad_norm), "lr": lr}
-
-    def distill_step(
-        self, micro_batches: list[dict[str, Any]], norms: dict[str, float], loss_cfg: dict[str, Any]
-    ) -> dict[str, float]:
-        """One optimizer step of the distillation objective (posttrain.distill.objective) over this rank's
-        micro-batches, normalised by the whole step's target tokens (`norms["tokens"]`) and scaled back from
-        DeepSpeed's averaging as in `train_step`. Returns summed statistics."""
-        from posttrain.distill.objective import distill_objective
-
-        assert len(micro_batches) == self.engine.gradient_accumulation_steps()
-        scale = self.world_size * len(micro_batches)
-        lr = float(self.engine.get_lr()[0])
-        sums: dict[str, float] = {}
-        grad_norm = None
-        for batch in micro_batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            inputs = {k: batch.pop(k) for k in list(batch) if k in MODEL_INPUTS}
-            logits = self.engine(**inputs, use_cache=False).logits
-            loss, stats = distill_objective(logits, inputs["input_ids"], batch, norms, loss_cfg)
-            self.engine.backward(loss * scale)
-            if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
-                grad_norm = _grad_norm(self.engine.module)
-            self.engine.step()
-            for key, value in [*stats.items(), ("loss", loss.detach())]:
-                sums[key] = sums.get(key, 0.0) + float(value)
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        return {**sums, "grad_norm": float(grad_norm), "lr": lr}
-
-    def logprobs(
-        self, batches: list[dict[str, Any]], base_model: bool = False, temperature: float = 1.0
-    ) -> list[Any]:
+    def logprobs(self, batches: list[Batch], base_model: bool = False, temperature: float = 1.0) -> list[Any]:
         """Per batch, log-probabilities of each next token under the current weights at `temperature`
         ([B, T-1], fp32, on CPU); `base_model` disables the LoRA adapter (a LoRA run's reference)."""
         import contextlib
@@ -229,8 +172,17 @@ class Learner:
         with adapter_off:
             return [_next_token_logprobs(self.engine, batch, self.device, temperature) for batch in batches]
 
-    def token_logprobs(self, batch: dict[str, Any]) -> Any:
-        return self.logprobs([batch])[0]
+    # ----------------------------------------------------------------------------------------- weights
+
+    def weight_buckets(self, bucket_mb: float) -> tuple[list[Any], SyncManifest] | None:
+        """All ranks gather (ZeRO-3); rank 0 puts every bucket into the object store: (refs, manifest)."""
+        zero3 = self.cfg.learners.zero_stage == 3
+        return put_module_buckets(self.engine.module, bucket_mb, zero3, sender=self.rank == 0)
+
+    def stream_weights(self, queues: list[Any], bucket_mb: float) -> SyncManifest | None:
+        """All ranks gather (ZeRO-3); rank 0 feeds each bucket into the engines' queues as it goes."""
+        zero3 = self.cfg.learners.zero_stage == 3
+        return stream_module_buckets(self.engine.module, queues, bucket_mb, zero3, sender=self.rank == 0)
 
     # ---------------------------------------------------------------------------------------- generation
 
@@ -263,8 +215,6 @@ class Learner:
     # --------------------------------------------------------------------------------------- checkpoints
 
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
-        from posttrain.checkpoint import capture_rng, save_state
-
         self.engine.save_checkpoint(
             directory,
             tag=DS_TAG,
@@ -275,8 +225,6 @@ class Learner:
         save_state(directory, f"rng-rank{self.rank}.safetensors", capture_rng())
 
     def load(self, directory: str) -> dict[str, Any]:
-        from posttrain.checkpoint import load_state, restore_rng
-
         path, client_state = self.engine.load_checkpoint(
             directory, tag=DS_TAG, load_module_strict=self.cfg.model.lora is None
         )
@@ -314,13 +262,18 @@ MODEL_INPUTS = (
     "image_grid_thw",
     "mm_token_type_ids",
 )
-"""Batch keys the model's forward takes; the rest of an RL batch feeds the objective."""
+"""Batch keys the model's forward takes; the rest of a batch feeds the objective."""
 
 
-def _next_token_logprobs(model: Any, batch: dict[str, Any], device: str, temperature: float = 1.0) -> Any:
+def split_model_inputs(batch: Batch, device: str) -> tuple[Batch, Batch]:
+    """(the keys the model's forward takes, the rest: what the objective reads), on `device`."""
+    on_device = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: v for k, v in on_device.items() if k in MODEL_INPUTS}
+    return inputs, {k: v for k, v in on_device.items() if k not in MODEL_INPUTS}
+
+
+def _next_token_logprobs(model: Any, batch: Batch, device: str, temperature: float = 1.0) -> Any:
     import torch
-
-    from posttrain.losses import next_token_logprobs
 
     module = getattr(model, "module", model)
     was_training = module.training
@@ -364,8 +317,6 @@ def _make_schedule(cfg: TrainingStage, optimizer: Any, total_steps: int) -> Any:
     from functools import partial
 
     import torch
-
-    from posttrain.losses import lr_multiplier
 
     t = cfg.train
     fn = partial(

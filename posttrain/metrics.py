@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from posttrain.config import LoggingConfig
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar and log lines are the run's output; silence the libraries' per-file bars."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def due(done: int, total: int, every: int | None) -> bool:

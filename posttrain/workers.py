@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from posttrain.config import ConfigError
@@ -187,19 +187,15 @@ class WorkerGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call `method` with the same arguments on every rank; return the results in rank order."""
-        return self._gather([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+        return self.gather([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
     def call_each(self, method: str, per_rank_args: Sequence[Sequence[Any]]) -> list[Any]:
         """Call `method` on rank r with `per_rank_args[r]`."""
         assert len(per_rank_args) == len(self.actors)
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args, strict=True)]
-        return self._gather(refs)
+        return self.gather(refs)
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """Run a module-level function `fn(actor_instance, *args)` inside every actor."""
-        return self._gather([a.__ray_call__.remote(fn, *args) for a in self.actors])
-
-    def _gather(self, refs: list[Any]) -> list[Any]:
+    def gather(self, refs: list[Any]) -> list[Any]:
         import ray
 
         try:
@@ -233,3 +229,23 @@ def _rank_env(rank: int, world_size: int, num_cpus: float) -> dict[str, str]:
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
     }
+
+
+def split_evenly(items: list[Any], parts: int, weights: Sequence[float] | None = None) -> list[list[Any]]:
+    """Contiguous chunks: without `weights`, sizes differ by at most one (earlier chunks larger); with
+    them, chunk k ends where the running weight first reaches k/parts of the total."""
+    if weights is None or len(set(weights)) <= 1:
+        q, r = divmod(len(items), parts)
+        out, start = [], 0
+        for i in range(parts):
+            end = start + q + (1 if i < r else 0)
+            out.append(items[start:end])
+            start = end
+        return out
+    total, running, bounds = float(sum(weights)), 0.0, [0]
+    for i, w in enumerate(weights):
+        running += w
+        while len(bounds) < parts and running >= total * len(bounds) / parts:
+            bounds.append(i + 1)
+    bounds += [len(items)] * (parts + 1 - len(bounds))
+    return [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]

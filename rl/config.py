@@ -11,15 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import (
-    DatasetSpec,
-    EngineSettings,
-    EvalConfig,
-    OptimConfig,
-    Strict,
-    TrainingStage,
-)
+from posttrain.config import DatasetSpec, OptimConfig, SFTInit, Strict, TrainingStage
 from posttrain.rewards.config import RewardsConfig
+from posttrain.rollout.config import RolloutConfig
 
 Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 PolicyLoss = Literal["ppo", "gspo", "sapo"]
@@ -64,15 +58,15 @@ class AlgorithmConfig(Strict):
     type: Literal["grpo", "dr_grpo", "dapo", "gspo", "sapo", "rloo", "reinforce_pp"] = "grpo"
     """Preset: grpo, dr_grpo, dapo (clip-higher + dynamic sampling + token mean), gspo (sequence ratio),
     sapo (soft gate, the Qwen3-VL RL algorithm), rloo, reinforce_pp. Fields set below override it."""
-    advantage: Advantage | None = None
+    advantage: Advantage = "grpo"
     """Group advantage estimator (default: the preset's)."""
-    policy_loss: PolicyLoss | None = None
+    policy_loss: PolicyLoss = "ppo"
     """`ppo` token ratio with clip, `gspo` sequence ratio with clip, `sapo` soft gate (default: preset's)."""
-    aggregation: Aggregation | None = None
+    aggregation: Aggregation = "seq_mean_token_mean"
     """How token losses become one number (default: the preset's)."""
-    clip_low: float | None = Field(None, gt=0)
+    clip_low: float = Field(0.2, gt=0)
     """Lower clip range: ratios below 1 - clip_low stop pushing down (default 0.2; gspo 3e-4)."""
-    clip_high: float | None = Field(None, gt=0)
+    clip_high: float = Field(0.2, gt=0)
     """Upper clip range: ratios above 1 + clip_high stop pushing up (default 0.2; dapo 0.28; gspo 4e-4)."""
     sapo_tau_pos: float = Field(1.0, gt=0)
     """SAPO gate temperature for positive advantages."""
@@ -86,7 +80,7 @@ class AlgorithmConfig(Strict):
     """Per-token KL estimator."""
     kl_in_reward: bool = False
     """Subtract kl_coef × KL (k1, summed over the response) from the reward instead of adding it to the loss."""
-    dynamic_sampling: bool | None = None
+    dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and sample more prompts to refill the batch."""
     max_sampling_rounds: int = Field(3, ge=1)
     """Generation rounds per step with dynamic sampling; after the last, the batch trains as it is."""
@@ -100,46 +94,14 @@ class AlgorithmConfig(Strict):
     importance_sampling: ImportanceSampling | None = None
     """Truncated / masked importance sampling against the engines' logprobs (None: off)."""
 
-    @model_validator(mode="after")
-    def _apply_preset(self) -> AlgorithmConfig:
-        defaults = {"clip_low": 0.2, "clip_high": 0.2, "dynamic_sampling": False, **PRESETS[self.type]}
-        for key, value in defaults.items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
-        return self
-
-
-class RolloutConfig(EngineSettings):
-    """vLLM engines and how they sample."""
-
-    num_engines: int = Field(1, ge=1)
-    """Engine actors (each a full copy of the policy)."""
-    cpus_per_engine: float = Field(1, gt=0)
-    """CPUs reserved per engine."""
-    max_model_len: int = Field(1024, ge=16)
-    """Prompt + response tokens an engine accepts."""
-    samples_per_prompt: int = Field(8, ge=2)
-    """Responses per prompt (the group size of the advantage)."""
-    max_tokens: int = Field(256, ge=1)
-    """Response length limit."""
-    temperature: float = Field(1.0, ge=0)
-    """Sampling temperature."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling."""
-    top_k: int = Field(0, ge=0)
-    """Top-k sampling (0: off)."""
-    thinking_budget: int | None = Field(None, ge=1)
-    """Close the think block after this many generated tokens and let the answer follow."""
-    sync: Literal["stream", "bulk"] = "stream"
-    """Weight sync: `stream` pipelines buckets (bounded memory), `bulk` puts them all first."""
-    bucket_mb: float = Field(64, gt=0)
-    """Weight-sync bucket size."""
-    probe_atol: float | None = Field(None, gt=0)
-    """After each sync the engines' logprobs of a fixed sequence must match the learners' within this
-    plus twice the difference measured on identical weights at the start (default by `model.dtype`:
-    1e-4 for float32, 0.05 for bfloat16)."""
-    sync_timeout_s: float = Field(600, gt=0)
-    """An engine not confirming a weight version within this fails the run (WeightSyncError)."""
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """The preset of `type` fills the keys the config leaves out (before validation, so every field
+        holds a concrete value and an explicit key always wins)."""
+        if isinstance(data, dict):
+            return {**PRESETS.get(data.get("type", "grpo"), {}), **data}
+        return data
 
 
 class RLData(Strict):
@@ -183,16 +145,6 @@ class ReferenceConfig(Strict):
     """GPUs per reference actor when on CUDA."""
 
 
-class SFTInit(Strict):
-    """Build the starting policy by running an SFT config when `model.path` does not exist."""
-
-    config: str
-    """SFT config file."""
-    overrides: list[str] = []
-    """Dotted overrides for it (e.g. `train.max_steps=60` for a deliberately weak start). Its
-    `output_dir` is set to the folder holding `model.path`, which must end in `/final`."""
-
-
 class RLConfig(TrainingStage):
     stage = "rl"
     init_from_sft: SFTInit | None = None
@@ -203,7 +155,6 @@ class RLConfig(TrainingStage):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     reference: ReferenceConfig = ReferenceConfig()
     train: RLTrainConfig = RLTrainConfig()
-    eval: EvalConfig = EvalConfig()
 
     @property
     def samples_per_step(self) -> int:

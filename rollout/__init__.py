@@ -2,10 +2,12 @@
 
     engines = RolloutGroup(model_path, num_engines=2, max_model_len=1024)   # device="cuda" on GPUs
     results = engines.generate([RolloutRequest(prompt_ids, n=4, max_tokens=64, seed=0)])
-    sync_from_learners(learners, engines, version=1, probe_ids=probe)   # raises WeightSyncError
+    sync = WeightSync.for_run(learners, engines, "stream", tokenizer, atol, bucket_mb, adapters_dir)
+    sync.push(version=1)                                                 # raises WeightSyncError
     logprob_mismatch([s.logprobs for s in samples], learner_logprobs)  # {"mean_abs", "max_abs", "tokens"}
 
-See engine.py (generation, reload path in vLLM 0.32) and weight_sync.py (buckets, checks, metric).
+See engine.py (generation, reload path in vLLM 0.32), weight_sync.py (strategies, checks, metric) and
+posttrain.weights (the learners' buckets and checksums).
 """
 
 from posttrain.rollout.engine import (
@@ -15,28 +17,19 @@ from posttrain.rollout.engine import (
     RolloutRequest,
     RolloutResult,
     RolloutSample,
-    split_evenly,
 )
 from posttrain.rollout.weight_sync import (
-    Bucket,
     Probe,
-    SyncManifest,
+    WeightSync,
     WeightSyncError,
-    iter_buckets,
     learner_probe,
-    learner_stream_buckets,
-    learner_weight_buckets,
     logprob_mismatch,
-    module_state_buckets,
-    put_buckets,
     stream_sync_from_learners,
     sync_from_learners,
     sync_lora_from_learners,
-    tensor_checksum,
 )
 
 __all__ = [
-    "Bucket",
     "EngineStartError",
     "Probe",
     "RolloutEngine",
@@ -44,18 +37,11 @@ __all__ = [
     "RolloutRequest",
     "RolloutResult",
     "RolloutSample",
-    "SyncManifest",
+    "WeightSync",
     "WeightSyncError",
-    "iter_buckets",
     "learner_probe",
-    "learner_stream_buckets",
-    "learner_weight_buckets",
     "logprob_mismatch",
-    "module_state_buckets",
-    "put_buckets",
-    "split_evenly",
-    "sync_from_learners",
     "stream_sync_from_learners",
+    "sync_from_learners",
     "sync_lora_from_learners",
-    "tensor_checksum",
 ]

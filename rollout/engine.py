@@ -26,15 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import ConfigError
-from posttrain.rollout.weight_sync import (
-    Bucket,
-    Probe,
-    SyncManifest,
-    WeightSyncError,
-    put_bucket,
-    tensor_checksum,
-    unpack_bucket,
-)
+from posttrain.rollout.weight_sync import Probe, WeightSyncError
+from posttrain.weights import Bucket, SyncManifest, put_bucket, tensor_checksum, unpack_bucket
+from posttrain.workers import WorkerGroup, init_ray, split_evenly
 
 THINK_END_TEXT = "</think>\n\n"
 BUCKET_FETCH_TIMEOUT_S = 600.0
@@ -273,6 +267,23 @@ class RolloutEngine:
         ]
         outs = self.generate(reqs)
         return [[float(x) for x in (r.prompt_logprobs or [])[1:] if x is not None] for r in outs]
+
+    def score_prompts(self, token_ids: list[list[int]], k: int) -> list[TokenScores]:
+        """Per sequence, the model's top-k ids [L, k] and logprobs [L, k] (sorted, entry 0 absent) and its
+        logprob of each token itself [L] (entry 0: 0), from one prefill each (the teacher of distillation).
+        vLLM's flat logprobs and no detokenisation of the top-k: about twice as fast on CPU as `generate`
+        with `prompt_logprobs`."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False, flat_logprobs=True
+        )
+        prompts: list[Any] = [{"prompt_token_ids": list(ids)} for ids in token_ids]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            flat_prompt_logprobs(ids, out.prompt_logprobs, k)
+            for ids, out in zip(token_ids, outs, strict=True)
+        ]
 
     def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
         kwargs: dict[str, Any] = {"use_tqdm": False}
@@ -566,6 +577,32 @@ def _params(r: RolloutRequest) -> Any:
     )
 
 
+TokenScores = tuple[Any, Any, Any]
+"""(top-k ids [L, k] int32, top-k logprobs [L, k] float32, each token's own logprob [L] float32)."""
+
+
+def flat_prompt_logprobs(ids: list[int], flat: Any, k: int) -> TokenScores:
+    """vLLM's FlatLogprobs of one prompt as arrays: position j > 0 holds k + 1 entries, the token itself
+    first, then the top k by rank."""
+    import numpy as np
+
+    n = len(ids)
+    top_ids = np.zeros((n, k), dtype=np.int32)
+    top_logp = np.full((n, k), -np.inf, dtype=np.float32)
+    own = np.zeros(n, dtype=np.float32)
+    if n < 2:
+        return top_ids, top_logp, own
+    first = flat.start_indices[1]
+    tokens = np.asarray(flat.token_ids[first:], dtype=np.int64)
+    values = np.asarray(flat.logprobs[first:], dtype=np.float32)
+    if tokens.size != (n - 1) * (k + 1) or (tokens.reshape(n - 1, k + 1)[:, 0] != np.asarray(ids[1:])).any():
+        raise RuntimeError("unexpected vLLM prompt logprobs layout (expected the token, then its top k)")
+    tokens, values = tokens.reshape(n - 1, k + 1), values.reshape(n - 1, k + 1)
+    own[1:] = values[:, 0]
+    top_ids[1:], top_logp[1:] = tokens[:, 1:], values[:, 1:]
+    return top_ids, top_logp, own
+
+
 def _sample(req: RolloutRequest, c: Any) -> RolloutSample:
     ids = list(c.token_ids)
     lps: list[float] = []
@@ -639,8 +676,6 @@ class RolloutGroup:
     ) -> None:
         """`device`: "cpu" or "cuda" (resolved by the caller); `config_key` / `model_key`: the config keys a
         start failure names (e.g. "teacher", "teacher.path")."""
-        from posttrain.workers import WorkerGroup, init_ray
-
         init_ray(ray_address, num_cpus=int(num_engines * num_cpus + 0.999))
         tp = int(engine_kwargs.get("tensor_parallel_size", 1))
         t0 = time.perf_counter()
@@ -704,7 +739,7 @@ class RolloutGroup:
         return [a.generate.remote(c) for a, c in zip(self.workers.actors, chunks, strict=True)]
 
     def collect(self, refs: list[Any]) -> list[RolloutResult]:
-        parts = self.workers._gather(refs)
+        parts = self.workers.gather(refs)
         return [r for part in parts for r in part]
 
     def update_weights(
@@ -802,8 +837,22 @@ class RolloutGroup:
             raise first
         return reports
 
+    @property
+    def name(self) -> str:
+        return self.workers.name
+
+    def score_prompts(self, token_ids: list[list[int]], k: int) -> list[TokenScores]:
+        """`RolloutEngine.score_prompts` with the sequences split over the engines by length."""
+        chunks = split_evenly(token_ids, len(self.workers), [len(ids) for ids in token_ids])
+        refs = [a.score_prompts.remote(c, k) for a, c in zip(self.workers.actors, chunks, strict=True) if c]
+        return [r for part in self.workers.gather(refs) for r in part]
+
     def prompt_logprobs(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
-        return self.workers.call("prompt_logprobs", list(token_ids))[0]
+        return self.prompt_logprobs_each(token_ids)[0]
+
+    def prompt_logprobs_each(self, token_ids: Sequence[list[int]]) -> list[list[list[float]]]:
+        """Every engine's prompt logprobs of the same sequences (to compare engines with each other)."""
+        return self.workers.call("prompt_logprobs", list(token_ids))
 
     def info(self) -> list[dict[str, Any]]:
         return self.workers.call("info")
@@ -811,23 +860,3 @@ class RolloutGroup:
     def shutdown(self) -> None:
         self.discard_stream_queues()
         self.workers.shutdown()
-
-
-def split_evenly(items: list[Any], parts: int, weights: Sequence[float] | None = None) -> list[list[Any]]:
-    """Contiguous chunks: without `weights`, sizes differ by at most one (earlier chunks larger); with
-    them, chunk k ends where the running weight first reaches k/parts of the total."""
-    if weights is None or len(set(weights)) <= 1:
-        q, r = divmod(len(items), parts)
-        out, start = [], 0
-        for i in range(parts):
-            end = start + q + (1 if i < r else 0)
-            out.append(items[start:end])
-            start = end
-        return out
-    total, running, bounds = float(sum(weights)), 0.0, [0]
-    for i, w in enumerate(weights):
-        running += w
-        while len(bounds) < parts and running >= total * len(bounds) / parts:
-            bounds.append(i + 1)
-    bounds += [len(items)] * (parts + 1 - len(bounds))
-    return [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]

@@ -1,32 +1,37 @@
-"""Learner -> rollout-engine weight sync: buckets, checksums, probes, and the logprob mismatch metric.
+"""Learner -> rollout-engine weight sync: the strategies, their proof, and the logprob mismatch metric.
 
-The learner side turns its (possibly ZeRO-3 partitioned) module into buckets of whole tensors with HF
-names, each about `bucket_mb` (a larger tensor is a bucket of its own; q/k/v and gate/up stay together),
-gathering one bucket's parameters at a time. On CPU the buckets travel through the Ray object store as
-`WireBucket`s (raw bytes: one copy in, read back zero-copy); the engine streams them into vLLM's in-place
-reload in one pass and checksums each tensor it received.
+The learners turn their module into buckets (posttrain.weights); the engines stream them into vLLM's
+in-place reload in one pass and checksum each tensor they received. One strategy per run, chosen once
+by `WeightSync.for_run`:
 
-    sync_from_learners(learners, engines, version, bucket_mb, probe_ids)          # all buckets put, then load
-    stream_sync_from_learners(learners, engines, version, bucket_mb, max_inflight) # pipelined, bounded
-    sync_lora_from_learners(learners, engines, version, root, probe_ids)          # adapter only
+    bulk     sync_from_learners: all buckets put into the object store, then loaded
+    stream   stream_sync_from_learners: pipelined, at most `max_inflight` buckets queued per engine
+    adapter  sync_lora_from_learners: LoRA learners export the adapter only
 
-Each ends with every engine proving the version: received checksums == the learner's manifest, and the
-engine's prompt logprobs of `probe_ids` == the learners' `token_logprobs` (atol 1e-4); any failure or
-timeout raises WeightSyncError(version, engine, reason), and an engine whose weights were touched by a
-failed sync refuses to generate until a sync succeeds."""
+Each ends with every engine proving the version: received checksums == the learners' manifest, and the
+engine's prompt logprobs of the probe sequence == the learners' (within the calibrated tolerance); any
+failure or timeout raises WeightSyncError(version, engine, reason), and an engine whose weights were
+touched by a failed sync refuses to generate until a sync succeeds."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-STREAM_PUT_TIMEOUT_S = 600.0
-"""A learner never blocks forever on an engine's full queue (a dead engine surfaces as an error)."""
+from posttrain.weights import SyncManifest
 
-Bucket = list[tuple[str, Any]]
-"""A list of (HF parameter name, CPU tensor)."""
+if TYPE_CHECKING:
+    from posttrain.groups import LearnerGroup
+    from posttrain.rollout.engine import RolloutGroup
+
+log = logging.getLogger("posttrain.rollout")
+
+SyncStrategy = Literal["bulk", "stream", "adapter"]
 
 
 class WeightSyncError(RuntimeError):
@@ -40,79 +45,6 @@ class WeightSyncError(RuntimeError):
         return (WeightSyncError, (self.version, self.engine, self.reason))
 
 
-CHECKSUM_CHUNK = 1 << 20
-"""Elements per checksum step (an 8 MiB float64 buffer): larger steps cost less Python per byte."""
-
-_RAMPS: dict[tuple[int, str], Any] = {}
-
-
-def tensor_checksum(t: Any, chunk: int = CHECKSUM_CHUNK) -> float:
-    """Float64 sum of a tensor's elements plus a position-weighted sum, sum_i x_i * (i + 1) / n (so
-    swapped or offsetting changes within the tensor show too). Each chunk is converted into one reused
-    float64 buffer and weighted by a cached ramp (a dot product), so no tensor-sized temporaries."""
-    import torch
-
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    if n == 0:
-        return 0.0
-    key = (chunk, str(flat.device))
-    ramp = _RAMPS.get(key)
-    if ramp is None:
-        ramp = _RAMPS[key] = torch.arange(1, chunk + 1, dtype=torch.float64, device=flat.device)
-    buf = torch.empty(min(chunk, n), dtype=torch.float64, device=flat.device)
-    total = weighted = 0.0
-    with torch.no_grad():
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
-            part = buf[:m]
-            part.copy_(flat[start : start + m])
-            s = float(part.sum())
-            total += s
-            weighted += start * s + float(torch.dot(part, ramp[:m]))  # sum_j x_(start+j) * (start+j+1)
-    return total + weighted / n
-
-
-@dataclass
-class SyncManifest:
-    """What the sender shipped: per tensor name, its checksum (and the total bytes)."""
-
-    checksums: dict[str, float] = field(default_factory=dict)
-    nbytes: int = 0
-    rel_tol: float = 1e-9
-
-    def add(self, name: str, tensor: Any) -> None:
-        self.checksums[name] = tensor_checksum(tensor)
-        self.nbytes += tensor.numel() * tensor.element_size()
-
-    @property
-    def checksum(self) -> float:
-        return sum(self.checksums.values())
-
-    def compare(self, received: dict[str, float]) -> str | None:
-        """None when `received` (name -> checksum) matches, else a description of the first problems."""
-        missing = sorted(set(self.checksums) - set(received))
-        extra = sorted(set(received) - set(self.checksums))
-        bad = [
-            n
-            for n, c in self.checksums.items()
-            if n in received and not math.isclose(c, received[n], rel_tol=self.rel_tol, abs_tol=1e-9)
-        ]
-        if not (missing or extra or bad):
-            return None
-        parts = []
-        if bad:
-            n = bad[0]
-            parts.append(
-                f"checksum mismatch on {len(bad)} tensor(s), e.g. {n}: {received[n]!r} != {self.checksums[n]!r}"
-            )
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if extra:
-            parts.append(f"unexpected {extra[:3]}")
-        return "; ".join(parts)
-
-
 @dataclass
 class Probe:
     """A fixed token sequence and the sender's log-probabilities of tokens 1..T-1 given their prefix."""
@@ -122,215 +54,25 @@ class Probe:
     atol: float = 1e-4
 
 
-class WireBucket:
-    """A bucket as it travels through the Ray object store: each tensor as a flat NumPy uint8 view of its
-    bytes, which Ray serialises out of band (`ray.put` copies the bytes into the store once) and a reader
-    gets back zero-copy, as a read-only view of the store's shared memory. A plain torch tensor would
-    instead be pickled through `torch.save` and copied again on both sides."""
-
-    __slots__ = ("items",)
-
-    def __init__(self, bucket: Bucket) -> None:
-        import torch
-
-        self.items: list[tuple[str, Any, str, tuple[int, ...]]] = []
-        for name, t in bucket:
-            t = t.detach().to("cpu").contiguous()
-            dtype = str(t.dtype).removeprefix("torch.")
-            self.items.append((name, t.reshape(-1).view(torch.uint8).numpy(), dtype, tuple(t.shape)))
-
-    def unpack(self) -> Bucket:
-        import warnings
-
-        import torch
-
-        out: Bucket = []
-        for name, data, dtype, shape in self.items:
-            with warnings.catch_warnings():  # read-only store memory: nothing here writes to it
-                warnings.simplefilter("ignore", UserWarning)
-                raw = torch.from_numpy(data)
-            out.append((name, raw.view(getattr(torch, dtype)).reshape(shape)))
-        return out
-
-
-def unpack_bucket(obj: Any) -> Bucket:
-    """A bucket from what `ray.get` returned: a `WireBucket`, or a plain bucket (list of name, tensor)."""
-    return obj.unpack() if isinstance(obj, WireBucket) else obj
-
-
-def put_bucket(bucket: Bucket) -> Any:
-    """`ray.put` one bucket in wire form; returns the ObjectRef."""
-    import ray
-
-    return ray.put(WireBucket(bucket))
-
-
-# ------------------------------------------------------------------------------------ the sender side
-
-
-def _param_groups(names: list[str]) -> list[list[int]]:
-    """Indices grouped by parent-of-parent module (q/k/v or gate/up projections land in one group, as vLLM
-    fuses them): a bucket boundary never splits a group."""
-    groups: list[list[int]] = []
-    last = None
-    for i, n in enumerate(names):
-        key = n.rsplit(".", 2)[0]
-        if key != last:
-            groups.append([])
-            last = key
-        groups[-1].append(i)
-    return groups
-
-
-def iter_buckets(named_tensors: Iterable[tuple[str, Any]], bucket_mb: float = 64) -> Iterator[Bucket]:
-    """Chunk (name, tensor) pairs into buckets of about `bucket_mb` MB (CPU copies, detached)."""
-    limit = bucket_mb * 2**20
-    bucket: Bucket = []
-    size = 0
-    for name, t in named_tensors:
-        t = t.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > limit:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
-def _hf_name(name: str) -> str:
-    """A PEFT-wrapped or DeepSpeed-wrapped name back to the plain HF one."""
-    for prefix in ("module.", "base_model.model."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name.replace(".base_layer.", ".")
-
-
-def module_state_buckets(
-    module: Any, bucket_mb: float = 64, gather: bool | None = None, copy: bool = True
-) -> Iterator[Bucket]:
-    """The full state of a DeepSpeed engine's module (or any torch module) as buckets of CPU tensors with
-    HF names. Under ZeRO-3 (`gather`, default: detected from `ds_id` on the parameters) each bucket's
-    parameters are gathered with `deepspeed.zero.GatheredParameters` and released before the next, so
-    peak memory is one bucket, not the model. Every rank must iterate it (the gathers are collective).
-
-    Tied parameters are listed under each name (vLLM needs `lm_head.weight` with tied embeddings). A
-    PEFT-wrapped module is refused (see `sync_lora_from_learners`).
-
-    `copy=False` yields parameters that are already whole, contiguous CPU tensors as detached views of
-    the live parameters instead of copies: only for a caller that is done with each bucket before the
-    parameters change (the learner helpers below checksum it and `ray.put`, itself a copy, at once).
-    Gathered ZeRO-3 parameters are always copied (they are released after their bucket).
-    """
-    import torch
-
-    named = list(module.named_parameters(remove_duplicate=False))
-    if any(".lora_" in n for n, _ in named):
-        raise ValueError(
-            "module has LoRA adapters: sync the adapter with sync_lora_from_learners (engines with "
-            "enable_lora=True), or merge it first; base weights alone would serve the wrong policy"
-        )
-    if gather is None:
-        gather = any(hasattr(p, "ds_id") for _, p in named)
-    names = [_hf_name(n) for n, _ in named]
-    limit = bucket_mb * 2**20
-    current: list[int] = []
-    size = 0
-
-    def numel(p: Any) -> int:
-        return int(getattr(p, "ds_numel", p.numel()))
-
-    def emit(idx: list[int]) -> Bucket:
-        params = [named[i][1] for i in idx]
-        if gather:
-            import deepspeed
-
-            ctx: Any = deepspeed.zero.GatheredParameters(params, enabled=True)
-        else:
-            import contextlib
-
-            ctx = contextlib.nullcontext()
-        with ctx, torch.no_grad():
-            snapshot = copy or gather
-            return [(names[i], named[i][1].detach().to("cpu", copy=snapshot).contiguous()) for i in idx]
-
-    for group in _param_groups(names):
-        gbytes = sum(numel(named[i][1]) * named[i][1].element_size() for i in group)
-        if current and size + gbytes > limit:
-            yield emit(current)
-            current, size = [], 0
-        current.extend(group)
-        size += gbytes
-    if current:
-        yield emit(current)
-
-
-def put_buckets(buckets: Iterable[Bucket], manifest: SyncManifest | None = None) -> list[Any]:
-    """Put each bucket into the Ray object store in wire form (adding its tensors to `manifest`); return
-    the refs."""
-    refs = []
-    for b in buckets:
-        if manifest is not None:
-            for name, t in b:
-                manifest.add(name, t)
-        refs.append(put_bucket(b))
-    return refs
-
-
-def learner_weight_buckets(learner: Any, bucket_mb: float = 64) -> tuple[list[Any], SyncManifest] | None:
-    """Run inside every learner actor (`learners.run(learner_weight_buckets, mb)`): all ranks take part in
-    the ZeRO-3 gathers, rank 0 puts the buckets into the object store and returns (refs, manifest)."""
-    zero3 = learner.cfg.learners.zero_stage == 3
-    manifest = SyncManifest()
-    refs = []
-    for bucket in module_state_buckets(learner.engine.module, bucket_mb, gather=zero3, copy=False):
-        if learner.rank == 0:
-            refs.extend(put_buckets([bucket], manifest))
-    return (refs, manifest) if learner.rank == 0 else None
-
-
 def sync_from_learners(
-    learners: Any,
-    engines: Any,
+    learners: LearnerGroup,
+    engines: RolloutGroup,
     version: int,
     bucket_mb: float = 64,
     probe_ids: list[int] | None = None,
     atol: float = 1e-4,
 ) -> list[dict[str, Any]]:
     """Learner group -> RolloutGroup: buckets through the object store, checksums checked on every
-    engine, and (with `probe_ids`) engine logprobs of that sequence checked against the learners'
-    `token_logprobs`. Returns the engines' reports."""
-    out = learners.run(learner_weight_buckets, bucket_mb)
-    refs, manifest = next(o for o in out if o is not None)
+    engine, and (with `probe_ids`) engine logprobs of that sequence checked against the learners'.
+    Returns the engines' reports."""
+    refs, manifest = learners.weight_buckets(bucket_mb)
     probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
     return engines.update_weights(version, refs, manifest, probe)
 
 
-def learner_stream_buckets(learner: Any, queues: list[Any], bucket_mb: float = 64) -> SyncManifest | None:
-    """Run inside every learner actor: rank 0 puts each bucket into the object store and its ref into
-    every engine's queue as soon as it is gathered (a full queue blocks: at most `maxsize` buckets per
-    engine in flight), then `None`; returns the manifest (rank 0)."""
-    zero3 = learner.cfg.learners.zero_stage == 3
-    manifest = SyncManifest()
-    for bucket in module_state_buckets(learner.engine.module, bucket_mb, gather=zero3, copy=False):
-        if learner.rank == 0:
-            for name, t in bucket:
-                manifest.add(name, t)
-            ref = put_bucket(bucket)
-            del bucket
-            for q in queues:
-                q.put([ref], block=True, timeout=STREAM_PUT_TIMEOUT_S)
-    if learner.rank != 0:
-        return None
-    for q in queues:
-        q.put(None, block=True, timeout=STREAM_PUT_TIMEOUT_S)
-    return manifest
-
-
 def stream_sync_from_learners(
-    learners: Any,
-    engines: Any,
+    learners: LearnerGroup,
+    engines: RolloutGroup,
     version: int,
     bucket_mb: float = 64,
     max_inflight: int = 2,
@@ -346,8 +88,7 @@ def stream_sync_from_learners(
     ok = False
     try:
         pending = engines.start_streamed_update(version, queues)
-        out = learners.run(learner_stream_buckets, queues, bucket_mb)
-        manifest = next(o for o in out if o is not None)
+        manifest: SyncManifest = learners.stream_weights(queues, bucket_mb)
         probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
         reports = engines.finish_streamed_update(version, pending, manifest, probe)
         ok = True  # every engine read its queue through the end marker: the queues are empty
@@ -357,46 +98,9 @@ def stream_sync_from_learners(
             engines.discard_stream_queues()
 
 
-PROBE_ATOL = {"float32": 1e-4, "bfloat16": 5e-2}
-"""Default probe tolerance per dtype, on top of the kernel difference measured at calibration."""
-PROBE_BASELINE_FACTOR = 2.0
-"""Later syncs may differ from the learners by up to this × the calibrated difference (+ the atol)."""
-
-
-def calibrate_probe(learners: Any, engines: Any, probe_ids: list[int], atol: float) -> tuple[float, float]:
-    """(baseline, tolerance) of the probe for this run. Call while learners and engines hold the same
-    weights (before any update or resume): their probe logprobs then differ only by their kernels (vLLM's
-    and HF's bf16 kernels differ by more than any fixed float32 bound). A later sync passes when it
-    differs by at most `atol + PROBE_BASELINE_FACTOR × baseline`; the checksums prove the bytes arrived.
-    A baseline over 10 × atol means the engines serve another model or dtype: WeightSyncError."""
-    expected = learner_probe(learners, probe_ids).expected
-    served = engines.workers.call("prompt_logprobs", [probe_ids])
-    baseline = max(
-        max((abs(a - b) for a, b in zip(got[0], expected, strict=True)), default=0.0) for got in served
-    )
-    if not baseline <= 10 * atol:  # also catches NaN
-        raise WeightSyncError(
-            0,
-            engines.workers.name,
-            f"engines and learners differ by {baseline:.3g} on the same weights (> 10 × probe_atol "
-            f"{atol:g}): they do not serve the same model or dtype",
-        )
-    return baseline, atol + PROBE_BASELINE_FACTOR * baseline
-
-
-def learner_probe(learners: Any, probe_ids: list[int], atol: float = 1e-4) -> Probe:
-    """A Probe whose expected logprobs are the learners' `token_logprobs` of `probe_ids` (all ranks run
-    the forward, as ZeRO-3 needs)."""
-    import torch
-
-    ids = torch.tensor([probe_ids])
-    lp = learners.call("token_logprobs", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
-    return Probe(list(probe_ids), [float(x) for x in lp[0]], atol)
-
-
 def sync_lora_from_learners(
-    learners: Any,
-    engines: Any,
+    learners: LearnerGroup,
+    engines: RolloutGroup,
     version: int,
     root: str,
     probe_ids: list[int] | None = None,
@@ -405,12 +109,113 @@ def sync_lora_from_learners(
     """Adapter-only sync for LoRA learners: the learners export the PEFT adapter to `root/v{version}`
     (a shared filesystem; the folder name makes vLLM load it afresh), engines started with
     `enable_lora=True` switch to it and (with `probe_ids`) prove their logprobs equal the learners'."""
-    import os
-
-    path = os.path.join(root, f"v{version}")
-    learners.call("export", path, False)
+    path = str(Path(root) / f"v{version}")
+    learners.export(path, merge_lora=False)
     probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
     return engines.load_lora(version, path, probe)
+
+
+def learner_probe(learners: LearnerGroup, probe_ids: list[int], atol: float = 1e-4) -> Probe:
+    """A Probe whose expected logprobs are the learners' of `probe_ids` (all ranks run the forward, as
+    ZeRO-3 needs)."""
+    return Probe(list(probe_ids), learners.sequence_logprobs(probe_ids), atol)
+
+
+PROBE_ATOL = {"float32": 1e-4, "bfloat16": 5e-2}
+"""Default probe tolerance per dtype, on top of the kernel difference measured at calibration."""
+PROBE_BASELINE_FACTOR = 2.0
+"""Later syncs may differ from the learners by up to this × the calibrated difference (+ the atol)."""
+PROBE_TEXT = "The weights changed: 12+34=46, 7+8=15."
+
+
+def probe_ids(tokenizer: Any) -> list[int]:
+    """A fixed text sequence whose logprobs engines and learners must agree on after every sync."""
+    ids: list[int] = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def calibrate_probe(
+    learners: LearnerGroup, engines: RolloutGroup, probe_ids: list[int], atol: float
+) -> tuple[float, float]:
+    """(baseline, tolerance) of the probe for this run. Call while learners and engines hold the same
+    weights (before any update or resume): their probe logprobs then differ only by their kernels (vLLM's
+    and HF's bf16 kernels differ by more than any fixed float32 bound). A later sync passes when it
+    differs by at most `atol + PROBE_BASELINE_FACTOR × baseline`; the checksums prove the bytes arrived.
+    A baseline over 10 × atol means the engines serve another model or dtype: WeightSyncError."""
+    expected = learners.sequence_logprobs(probe_ids)
+    served = engines.prompt_logprobs_each([probe_ids])
+    baseline = max(
+        max((abs(a - b) for a, b in zip(got[0], expected, strict=True)), default=0.0) for got in served
+    )
+    if not baseline <= 10 * atol:  # also catches NaN
+        raise WeightSyncError(
+            0,
+            engines.name,
+            f"engines and learners differ by {baseline:.3g} on the same weights (> 10 × probe_atol "
+            f"{atol:g}): they do not serve the same model or dtype",
+        )
+    return baseline, atol + PROBE_BASELINE_FACTOR * baseline
+
+
+@dataclass
+class WeightSync:
+    """How one run's learners push their weights to its engines: one strategy, chosen once, every push
+    proved by checksums and the calibrated probe. `version` is the version the engines serve."""
+
+    learners: LearnerGroup
+    engines: RolloutGroup
+    strategy: SyncStrategy
+    probe_ids: list[int]
+    atol: float
+    bucket_mb: float = 64
+    adapters_dir: Path | None = None  # adapter: where each version's adapter is written
+    version: int = 0
+
+    @classmethod
+    def for_run(
+        cls,
+        learners: LearnerGroup,
+        engines: RolloutGroup,
+        strategy: SyncStrategy,
+        tokenizer: Any,
+        atol: float,
+        bucket_mb: float,
+        adapters_dir: Path,
+    ) -> WeightSync:
+        """Calibrated on the starting weights (call before any update or resume): `atol` is the
+        configured probe tolerance, to which the measured learner-vs-engine kernel difference adds."""
+        ids = probe_ids(tokenizer)
+        baseline, tolerance = calibrate_probe(learners, engines, ids, atol)
+        log.info("weight-sync probe: %.3g on the starting weights, tolerance %.3g", baseline, tolerance)
+        return cls(learners, engines, strategy, ids, tolerance, bucket_mb, adapters_dir)
+
+    def push(self, version: int) -> dict[str, float]:
+        """The learners' weights to every engine as `version`, or WeightSyncError."""
+        t0 = time.perf_counter()
+        args = (self.learners, self.engines, version)
+        if self.strategy == "adapter":
+            assert self.adapters_dir is not None
+            reports = sync_lora_from_learners(*args, str(self.adapters_dir), self.probe_ids, self.atol)
+            _prune_adapters(self.adapters_dir, version)
+        elif self.strategy == "stream":
+            reports = stream_sync_from_learners(
+                *args, self.bucket_mb, probe_ids=self.probe_ids, atol=self.atol
+            )
+        else:
+            reports = sync_from_learners(*args, self.bucket_mb, self.probe_ids, self.atol)
+        self.version = version
+        return {
+            "sync/seconds": time.perf_counter() - t0,
+            "sync/version": float(version),
+            "sync/probe_max_abs": max(float(r.get("probe_max_abs") or 0.0) for r in reports),
+        }
+
+
+def _prune_adapters(root: Path, version: int) -> None:
+    """Engines serve the newest adapter; older folders (but the previous, in case of a retry) go."""
+    for folder in root.glob("v*"):
+        if folder.name[1:].isdigit() and int(folder.name[1:]) < version - 1:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -13,98 +13,89 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import SFTConfig, dump_config
-from posttrain.metrics import due
+from posttrain.config import SFTConfig
+from posttrain.data import SFTData, build_sft_dataset, load_processing
+from posttrain.evaluation import EvalSet
+from posttrain.groups import LearnerGroup, shard_batches
+from posttrain.objectives import NLL, Norms
+from posttrain.stage import StageRun, prepare_inputs
 
 log = logging.getLogger("posttrain.sft")
 
 
 def run(cfg: SFTConfig) -> Path:
     """Train as configured; return the exported `final/` folder."""
-    from posttrain import runs
-    from posttrain.data import build_sft_dataset, load_processing
-    from posttrain.evaluation import EvalSet
-    from posttrain.metrics import MetricsLog
-
-    began = time.perf_counter()
-    runs.quiet_libraries()
-    out = Path(cfg.output_dir).resolve()  # actors may run in another working directory
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    model_path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
-    processing, is_vl = load_processing(model_path, cfg.model.trust_remote_code)
-    data = build_sft_dataset(cfg.data, processing, is_vl)
-    log.info("data: %s", data.stats)
-    eval_set = EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl) if cfg.data.eval else None
-    t = cfg.train
-    total_steps = t.max_steps or data.num_steps(t.global_batch_size, t.epochs)
-    learners = runs.start_learners(cfg, model_path, is_vl, total_steps)
-    try:
-        start = runs.resume(cfg, learners, out)
-        metrics = MetricsLog(out, cfg.logging, cfg.model_dump(mode="json"), start, total_steps)
-        if start == 0:
-            metrics.log(0, data_metrics(data.stats))
-            if eval_set:
-                metrics.log(0, eval_set.evaluate(learners))
-        last: dict[str, Any] = {}
-        for step in range(start, total_steps):
-            record = train_step(learners, data, step, cfg)
-            done = step + 1
-            if eval_set and due(done, total_steps, cfg.eval.every_steps):
-                record |= eval_set.evaluate(learners)
-            metrics.log(done, record)
-            metrics.advance()
-            last = record
-            if due(done, total_steps, cfg.checkpoint.every_steps):
-                runs.save_checkpoint(cfg, learners, out, done)
-        metrics.close()
-        final = runs.export(cfg, learners, processing, out / "final")
-    finally:
-        learners.shutdown()
-    shown = {k: round(v, 4) for k, v in last.items() if k in ("loss", "eval/accuracy")}
-    log.info("finished in %.1f min %s → %s", (time.perf_counter() - began) / 60, shown, final)
-    return final
+    with StageRun(cfg) as run:
+        model_path = prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
+        processing, is_vl = load_processing(model_path, cfg.model.trust_remote_code)
+        data = build_sft_dataset(cfg.data, processing, is_vl)
+        log.info("data: %s", data.stats)
+        eval_set = EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl) if cfg.data.eval else None
+        t = cfg.train
+        total_steps = t.max_steps or data.num_steps(t.global_batch_size, t.epochs)
+        run.start_ray(cfg.learners.num_learners * cfg.learners.cpus_per_learner)
+        learners = run.learners(model_path, is_vl, total_steps)
+        stage = SFTStage(cfg, learners, data, eval_set)
+        run.train(learners, stage, total_steps, first=data_metrics(data.stats))
+        final = run.export(learners, processing)
+    shown = {k: round(v, 4) for k, v in stage.last.items() if k in ("loss", "eval/accuracy")}
+    return run.finished(final, shown)
 
 
-def train_step(learners: Any, data: Any, step: int, cfg: SFTConfig) -> dict[str, Any]:
+@dataclass
+class SFTStage:
+    """SFT's state: the encoded dataset (whose batch order is a pure function of seed and step)."""
+
+    cfg: SFTConfig
+    learners: LearnerGroup
+    data: SFTData
+    eval_set: EvalSet | None
+    last: dict[str, float] = field(default_factory=dict)
+
+    def step(self, step: int) -> dict[str, float]:
+        self.last = train_step(self.learners, self.data, step, self.cfg)
+        return self.last
+
+    def evaluate(self) -> dict[str, float]:
+        return self.eval_set.evaluate(self.learners) if self.eval_set else {}
+
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, str]]:
+        return {}, {}
+
+    def restore(self, meta: dict[str, Any], path: Path) -> None:
+        pass  # the batch of step N is a function of (seed, N): the step counter is the whole state
+
+
+def train_step(learners: LearnerGroup, data: SFTData, step: int, cfg: SFTConfig) -> dict[str, float]:
     """One optimizer step over the global batch `step` (a pure function of seed and step)."""
     t = cfg.train
     indices = data.batches(step, t.global_batch_size, t.seed)
-    per_rank, micro = t.global_batch_size // len(learners), t.micro_batch_size
     # flash-attention reads packed samples' boundaries from position ids only in a one-row batch; VL rows
     # hold one sample each and carry the attention_mask it unpads by
     flatten = cfg.model.attn_implementation == "flash_attention_2" and data.image_processor is None
-    shards = [
-        [
-            data.collate(indices[start : start + micro], flatten)
-            for start in range(rank * per_rank, (rank + 1) * per_rank, micro)
-        ]
-        for rank in range(len(learners))
-    ]
+    shards = shard_batches(indices, len(learners), t.micro_batch_size, lambda ix: data.collate(ix, flatten))
     loss_tokens = data.loss_tokens(indices)
     real_tokens = sum(sum(data.items[i].seq_lens) for i in indices)
     began = time.perf_counter()
-    stats = learners.call_each("train_step", [(shard, loss_tokens) for shard in shards])
+    stats = learners.step(shards, Norms(tokens=max(1, loss_tokens)), NLL())
     seconds = time.perf_counter() - began
-    padded_tokens = sum(s["tokens"] for s in stats)
     return {
-        "loss": sum(s["loss_sum"] for s in stats) / max(1, loss_tokens),
-        "lr": stats[0]["lr"],
-        "grad_norm": stats[0]["grad_norm"],
+        "loss": stats.sums["nll_sum"] / max(1, loss_tokens),
+        "lr": stats.lr,
+        "grad_norm": stats.grad_norm,
         "tokens_per_s": real_tokens / seconds,
         "loss_tokens": loss_tokens,
-        "padding_fraction": 1 - real_tokens / max(1, padded_tokens),
+        "padding_fraction": 1 - real_tokens / max(1, stats.sums["input_tokens"]),
         "step_seconds": seconds,
     }
 
 
 def data_metrics(stats: Any) -> dict[str, Any]:
     """Preflight and encoding counts, logged once as `data/...` keys."""
-    from dataclasses import asdict
-
     flat = {k: v for k, v in asdict(stats).items() if isinstance(v, int)}
     flat |= {f"samples_{mode}": n for mode, n in stats.modes.items()}
     return {f"data/{k}": v for k, v in flat.items()}

@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, validate
-from posttrain.distill.batch import _flat_arrays, collate
+from posttrain.distill.batch import collate
+from posttrain.distill.config import LossConfig
 from posttrain.distill.losses import divergence, reverse_kl_sampled
 from posttrain.distill.objective import distill_objective
 from posttrain.distill.topk_store import TopKRow, TopKStore, TopKWriter
 from posttrain.metrics import read_metrics
+from posttrain.objectives import Norms
+from posttrain.rollout.engine import flat_prompt_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 V, K = 11, 3
@@ -35,7 +38,7 @@ def _row(i: int, n: int, rng: np.random.Generator, prompt: int = 2) -> TopKRow:
     return TopKRow(i, tokens, mask, ids, logp, {"i": i})
 
 
-LOSS = {"type": "jsd", "beta": 0.3, "top_k": K, "estimator": "topk", "nll_weight": 0.0}
+LOSS = LossConfig(type="jsd", beta=0.3, top_k=K, estimator="topk", nll_weight=0.0)
 
 
 def test_collate_shifts_the_store_layout_to_the_learner_layout() -> None:
@@ -67,7 +70,7 @@ def test_objective_is_the_global_token_mean_however_the_batch_is_split() -> None
             lg = torch.cat(
                 [torch.nn.functional.pad(logits[i], (0, 0, 0, width - logits[i].shape[1])) for i in part]
             )
-            out = out + distill_objective(lg, b["input_ids"], b, {"tokens": tokens}, LOSS)[0]
+            out = out + distill_objective(lg, b["input_ids"], b, Norms(tokens), LOSS)[0]
         return out
 
     whole, split = total([[0, 1, 2, 3]]), total([[0], [1, 2], [3]])
@@ -94,12 +97,14 @@ def test_sampled_estimator_and_nll_term() -> None:
     sampled.topk_logp[0] = -np.inf
     b = collate([sampled], 0, 1)
     logits = torch.randn(1, 6, V, requires_grad=True)
-    cfg = {**LOSS, "type": "reverse_kl", "estimator": "sampled"}
-    loss, stats = distill_objective(logits, b["input_ids"], b, {"tokens": 4.0}, cfg)
+    cfg = LOSS.model_copy(update={"type": "reverse_kl", "estimator": "sampled"})
+    loss, stats = distill_objective(logits, b["input_ids"], b, Norms(4.0), cfg)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
     expected = (reverse_kl_sampled(logp, torch.from_numpy(teacher_lp[1:])[None]) * b["loss_mask"]).sum() / 4
     assert torch.allclose(loss, expected) and torch.isfinite(loss)
-    with_nll, _ = distill_objective(logits, b["input_ids"], b, {"tokens": 4.0}, {**cfg, "nll_weight": 0.5})
+    with_nll, _ = distill_objective(
+        logits, b["input_ids"], b, Norms(4.0), cfg.model_copy(update={"nll_weight": 0.5})
+    )
     assert torch.allclose(with_nll - loss, 0.5 * stats["nll_sum"] / 4)
 
 
@@ -110,16 +115,16 @@ def test_flat_vllm_logprobs_become_sorted_topk_arrays() -> None:
         token_ids=[1, 1, 4, 2, 7, 2],  # per position: the token itself, then the top 2
         logprobs=[-0.25, -0.25, -2.5, -1.5, -0.5, -1.5],
     )
-    top_ids, top_logp, own = _flat_arrays(ids, flat, 2)
+    top_ids, top_logp, own = flat_prompt_logprobs(ids, flat, 2)
     assert top_ids.tolist() == [[0, 0], [1, 4], [7, 2]]
     assert np.isneginf(top_logp[0]).all() and top_logp[1:].tolist() == [[-0.25, -2.5], [-0.5, -1.5]]
     assert own.tolist() == [0.0, -0.25, -1.5]
     with pytest.raises(RuntimeError, match="layout"):
-        _flat_arrays([5, 3, 2], flat, 2)
+        flat_prompt_logprobs([5, 3, 2], flat, 2)
 
 
 def test_store_stream_resumes_mid_shard_and_wraps_epochs(tmp_path: Path) -> None:
-    from posttrain.distill.driver import StoreStream
+    from posttrain.distill.top_k import StoreStream
 
     rng = np.random.default_rng(3)
     teacher = {"tokenizer": {"vocab_size": V, "vocab_sha256": "x"}}
@@ -164,7 +169,7 @@ def test_config_rules_name_the_keys() -> None:
 
 
 def test_tokenizer_mismatch_names_both_models() -> None:
-    from posttrain.distill.driver import Student, check_tokenizers
+    from posttrain.distill.teacher import Student, check_tokenizers
     from posttrain.distill.topk_store import tokenizer_identity
     from posttrain.tiny import build_tokenizer
 

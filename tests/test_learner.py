@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from posttrain.config import SFTConfig, TinyTask, validate
+from posttrain.objectives import StepStats
 
 
 def sft_config(tmp_path: Path, model: Path, **model_changes: Any) -> SFTConfig:
@@ -51,18 +52,19 @@ import json, os, sys
 import torch
 from posttrain.config import validate
 from posttrain.learner import Learner
+from posttrain.objectives import NLL, Norms
 
 cfg = validate("sft", json.loads(sys.argv[1]))
 learner = Learner("sft", cfg.model_dump(mode="json"), cfg.model.path, False, 1)
 opt = learner.engine.optimizer
 batch = {"input_ids": torch.arange(32).view(2, 16) % 300, "labels": torch.arange(32).view(2, 16) % 300}
-stats = learner.train_step([batch, batch], 60)
+stats = learner.step([batch, batch], Norms(tokens=60), NLL())
 print(json.dumps({
     "wrapper": type(opt).__name__,
     "zero_stage": learner.engine.zero_optimization_stage(),
     "accumulation": [str(learner.engine.get_data_types()[1]), str(opt.grad_acc_dtype)],
     "buffers": sorted({str(b.dtype) for b in opt.fp32_groups_gradients_flat}),
-    "grad_norm": stats["grad_norm"],
+    "grad_norm": stats.grad_norm,
 }))
 sys.stdout.flush()
 os._exit(0)  # skip torch's gloo teardown (see shared notes)
@@ -104,9 +106,9 @@ class RecordingLearners:
     def __len__(self) -> int:
         return self.n
 
-    def call_each(self, method: str, args: list[Any]) -> list[dict[str, float]]:
-        self.shards = [shard for shard, _ in args]
-        return [{"loss_sum": 0.0, "tokens": 1, "grad_norm": 0.0, "lr": 0.0} for _ in args]
+    def step(self, shards: list[list[dict[str, Any]]], norms: Any, objective: Any) -> StepStats:
+        self.shards = shards
+        return StepStats({"nll_sum": 0.0, "input_tokens": 1.0})
 
 
 @pytest.mark.parametrize("attn", ["flash_attention_2", "sdpa"])
@@ -127,7 +129,7 @@ def test_sft_micro_batches_keep_packed_samples_apart(
     cfg = sft_config(tmp_path, tiny_text_model, attn_implementation=attn)
     data = build_sft_dataset(cfg.data, load_processing(tiny_text_model)[0], False)
     learners = RecordingLearners(2)
-    train_step(learners, data, 0, cfg)
+    train_step(learners, data, 0, cfg)  # type: ignore[arg-type]
     indices = data.batches(0, 8, cfg.train.seed)
     micro_batches = [batch for shard in learners.shards for batch in shard]
     assert len(micro_batches) == 2

@@ -17,10 +17,10 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from posttrain import runs
     from posttrain.data import build_sft_dataset, load_processing
     from posttrain.losses import next_token_logprobs
     from posttrain.sft.driver import train_step
+    from posttrain.stage import StageRun, prepare_inputs
 
     data_dir = tmp_path / "arithmetic"
     cfg = validate(
@@ -37,19 +37,18 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
             "logging": {"progress": False},
         },
     )
-    model_path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
+    model_path = prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path)
     data = build_sft_dataset(cfg.data, processing, is_vl)
     probe = data.collate(list(range(4)))
-    learners = runs.start_learners(cfg, model_path, is_vl, total_steps=3)
-    try:
-        counts = learners.call("num_parameters")[0]
+    with StageRun(cfg) as run:
+        run.start_ray(1)
+        learners = run.learners(model_path, is_vl, total_steps=3)
+        counts = learners.num_parameters()
         for step in range(3):
             train_step(learners, data, step, cfg)
-        trained = learners.call("token_logprobs", probe)[0]
-        final = runs.export(cfg, learners, processing, tmp_path / "run" / "final")
-    finally:
-        learners.shutdown()
+        trained = learners.batch_logprobs(probe)
+        final = run.export(learners, processing)
 
     assert 0 < counts["trainable"] < counts["total"] / 5
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in final.iterdir()}

@@ -15,7 +15,7 @@ from posttrain.config import DatasetSpec
 from posttrain.data import DataError, build_eval_prompts, load_processing
 from posttrain.rewards import RewardLoadError, RewardsConfig
 from posttrain.rewards.registry import required_columns
-from posttrain.rl.batch import build_prompts
+from posttrain.rollout.episodes import build_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = Path(__file__).parent / "plugins"

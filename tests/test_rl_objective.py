@@ -6,25 +6,28 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, validate
-from posttrain.rl.batch import Prompt, Trajectory, collate, loss_positions, response_logprobs
+from posttrain.data import EvalPrompt
+from posttrain.objectives import Norms
+from posttrain.rl.batch import Experience, Scored, collate, loss_positions, response_logprobs
 from posttrain.rl.config import AlgorithmConfig
 from posttrain.rl.objective import rl_objective
 from posttrain.rollout import RolloutSample
+from posttrain.rollout.episodes import Episode, Prompt
 
 
-def _traj(prompt: list[int], response: list[int], **sample: object) -> Trajectory:
-    from posttrain.data import EvalPrompt
-
+def _experience(
+    prompt: list[int], response: list[int], advantage: float = 0.0, valid: bool = True, **sample: object
+) -> Experience:
     source = EvalPrompt(prompt, "p", "1", "thinking", 0)
     lps = [-0.1 * (j + 1) for j in range(len(response))]
     s = RolloutSample(list(response), "", lps, str(sample.pop("finish", "stop")), **sample)  # type: ignore[arg-type]
-    return Trajectory(Prompt(source, prompt), 0, s, 0)
+    scored = Scored(Episode(Prompt(source, prompt), s, 0), 0, {}, 0.0, valid)
+    return Experience(scored, 0.0, advantage)
 
 
 def test_collate_places_response_tokens_in_learner_layout() -> None:
-    a = _traj([5, 6, 7], [8, 9])
-    b = _traj([5], [4, 3, 2], forced=[1])
-    a.advantage, b.advantage = 1.5, -0.5
+    a = _experience([5, 6, 7], [8, 9], advantage=1.5)
+    b = _experience([5], [4, 3, 2], advantage=-0.5, forced=[1])
     batch = collate([a, b], pad_id=0, mask_truncated=False)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 0]]
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 1, 0]]
@@ -33,19 +36,19 @@ def test_collate_places_response_tokens_in_learner_layout() -> None:
     assert batch["engine_logprobs"][0].tolist() == pytest.approx([0, 0, -0.1, -0.2])
     assert batch["advantages"].tolist() == [1.5, -0.5]
     assert "old_logprobs" not in batch and "ref_logprobs" not in batch
-    assert response_logprobs(a, batch["engine_logprobs"][0]) == pytest.approx([-0.1, -0.2])
+    assert response_logprobs(a.episode, batch["engine_logprobs"][0]) == pytest.approx([-0.1, -0.2])
 
 
 def test_invalid_and_truncated_trajectories_carry_no_loss() -> None:
-    t = _traj([1, 2], [3, 4], finish="length")
+    t = _experience([1, 2], [3, 4], finish="length")
     assert loss_positions(t, mask_truncated=False) == [1, 2]
     assert loss_positions(t, mask_truncated=True) == []
-    t.valid = False
-    assert loss_positions(t, mask_truncated=False) == []
+    invalid = _experience([1, 2], [3, 4], valid=False)
+    assert loss_positions(invalid, mask_truncated=False) == []
 
 
-def _algo(**changes: object) -> dict[str, object]:
-    return AlgorithmConfig.model_validate(changes).model_dump(mode="json")
+def _algo(**changes: object) -> AlgorithmConfig:
+    return AlgorithmConfig.model_validate(changes)
 
 
 @pytest.mark.parametrize("kind", ["grpo", "dapo", "gspo", "sapo", "dr_grpo"])
@@ -61,7 +64,7 @@ def test_first_update_is_on_policy(kind: str) -> None:
     lp = next_token_logprobs(logits / 0.7, ids).detach()  # the engine reports the tempered policy's logprobs
     batch = {"response_mask": mask, "advantages": torch.tensor([1.0, -2.0], dtype=torch.float64)}
     batch |= {"engine_logprobs": lp.clone(), "ref_logprobs": lp.clone()}
-    norms = {"tokens": 5.0, "seqs": 2.0, "norm_length": 3.0, "temperature": 0.7}
+    norms = Norms(tokens=5.0, seqs=2.0, norm_length=3.0, temperature=0.7)
     algo = _algo(type=kind, kl_coef=0.1)
     loss, stats = rl_objective(logits, ids, batch, norms, algo)
     assert stats["ratio_sum"].item() == stats["tokens"].item() == 5.0
@@ -69,7 +72,7 @@ def test_first_update_is_on_policy(kind: str) -> None:
     assert stats["clip_low_count"].item() == stats["clip_high_count"].item() == 0.0
     assert stats["kl_sum"].item() == 0.0 and stats["mismatch_max"].item() == 0.0
     (grad,) = torch.autograd.grad(loss, logits)
-    surrogate = _plain_policy_gradient_loss(logits, ids, batch, norms, algo["aggregation"])
+    surrogate = _plain_policy_gradient_loss(logits, ids, batch, norms, algo.aggregation)
     (expected,) = torch.autograd.grad(surrogate, logits)
     assert torch.allclose(grad, expected, atol=1e-12)
 
@@ -78,13 +81,13 @@ def _plain_policy_gradient_loss(logits, ids, batch, norms, aggregation):  # type
     """-A · logp (of the policy at the rollout temperature), aggregated as configured, written out directly."""
     from posttrain.losses import next_token_logprobs
 
-    lp = next_token_logprobs(logits / norms["temperature"], ids)
+    lp = next_token_logprobs(logits / norms.temperature, ids)
     per_token = -batch["advantages"][:, None] * lp * batch["response_mask"]
     if aggregation == "token_mean":
-        return per_token.sum() / norms["tokens"]
+        return per_token.sum() / norms.tokens
     if aggregation == "seq_mean_token_sum_norm":
-        return per_token.sum() / (norms["seqs"] * norms["norm_length"])
-    return (per_token.sum(-1) / batch["response_mask"].sum(-1)).sum() / norms["seqs"]
+        return per_token.sum() / (norms.seqs * norms.norm_length)
+    return (per_token.sum(-1) / batch["response_mask"].sum(-1)).sum() / norms.seqs
 
 
 def test_importance_weights_and_entropy_bonus_enter_the_loss() -> None:
@@ -94,7 +97,7 @@ def test_importance_weights_and_entropy_bonus_enter_the_loss() -> None:
     mask = torch.ones(1, 3)
     batch = {"response_mask": mask, "advantages": torch.tensor([1.0])}
     batch["engine_logprobs"] = torch.full((1, 3), -30.0)  # the engine thought these tokens unlikely
-    norms = {"tokens": 3.0, "seqs": 1.0, "norm_length": 3.0}
+    norms = Norms(tokens=3.0, seqs=1.0, norm_length=3.0)
     plain, _ = rl_objective(logits, ids, batch, norms, _algo(type="dapo"))
     capped, stats = rl_objective(
         logits, ids, batch, norms, _algo(type="dapo", importance_sampling={"cap": 2.0})

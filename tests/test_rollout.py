@@ -14,16 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-from posttrain.rollout import (
-    Probe,
-    RolloutRequest,
-    SyncManifest,
-    WeightSyncError,
-    iter_buckets,
-    logprob_mismatch,
-    put_buckets,
-    split_evenly,
-)
+from posttrain.groups import LearnerGroup
+from posttrain.rollout import Probe, RolloutRequest, WeightSyncError, logprob_mismatch
+from posttrain.stage import prepare_inputs
+from posttrain.weights import SyncManifest, iter_buckets, put_buckets
+from posttrain.workers import split_evenly
 
 ENGINE_ARGS = {"gpu_memory_utilization": 0.08, "max_model_len": 512, "seed": 0}
 
@@ -47,12 +42,15 @@ def test_logprob_mismatch_hand_computed() -> None:
 
 
 class _Fixed:
-    """A group whose `call` returns fixed per-rank results (the probe's logprobs), for the pure parts."""
+    """Learners / engines answering the probe with fixed logprobs (per engine), for the pure parts."""
 
-    def __init__(self, *results: Any) -> None:
-        self.results, self.name, self.workers = list(results), "rollout", self
+    def __init__(self, *results: list[list[float]]) -> None:
+        self.results, self.name = list(results), "rollout"
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        return self.results[0][0]
+
+    def prompt_logprobs_each(self, token_ids: list[list[int]]) -> list[list[list[float]]]:
         return self.results
 
 
@@ -61,9 +59,9 @@ def test_probe_calibrated_on_identical_weights() -> None:
     twice the difference measured on the starting weights; a baseline over 10 × atol is another model."""
     from posttrain.rollout.weight_sync import PROBE_ATOL, calibrate_probe
 
-    learners = _Fixed(torch.tensor([[-1.0, -2.0, -0.5]]))
+    learners = _Fixed([[-1.0, -2.0, -0.5]])
     engines = _Fixed([[-1.03, -2.0, -0.52]], [[-1.0, -2.01, -0.5]])  # two engines: the larger counts
-    baseline, tolerance = calibrate_probe(learners, engines, [1, 2, 3, 4], PROBE_ATOL["bfloat16"])
+    baseline, tolerance = calibrate_probe(learners, engines, [1, 2, 3, 4], PROBE_ATOL["bfloat16"])  # type: ignore[arg-type]
     assert baseline == pytest.approx(0.03) and tolerance == pytest.approx(0.05 + 2 * 0.03)
     assert calibrate_probe(learners, _Fixed([[-1.0, -2.0, -0.5]]), [1, 2, 3, 4], 1e-4) == (0.0, 1e-4)
     with pytest.raises(WeightSyncError, match="differ by 0.03 on the same weights"):
@@ -295,7 +293,6 @@ def test_thinking_budget_closes_think_block(engines: Any, tok: Any, hf_model: to
 def test_deepspeed_learner_sync_matches_token_logprobs(
     engines: Any, tmp_path: Path, tiny_text_model: Path
 ) -> None:
-    from posttrain import runs
     from posttrain.config import validate
     from posttrain.data import build_sft_dataset, load_processing
     from posttrain.rollout import stream_sync_from_learners, sync_from_learners
@@ -317,11 +314,11 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
             "logging": {"progress": False},
         },
     )
-    model_path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
+    model_path = prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path)
     data = build_sft_dataset(cfg.data, processing, is_vl)
     prompt = chat_ids(processing, "What is 5+6?")
-    learners = runs.start_learners(cfg, model_path, is_vl, total_steps=2)
+    learners = LearnerGroup(cfg, model_path, is_vl, total_steps=2)
     try:
         for step in range(2):
             train_step(learners, data, step, cfg)
@@ -340,9 +337,7 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
             ]
             assert res.weight_version == 100 + step
             seqs = torch.tensor([prompt + s.token_ids for s in res.samples])
-            lp = learners.call(
-                "token_logprobs", {"input_ids": seqs, "attention_mask": torch.ones_like(seqs)}
-            )[0]
+            lp = learners.batch_logprobs({"input_ids": seqs, "attention_mask": torch.ones_like(seqs)})
             learner_lp = lp[:, len(prompt) - 1 :].tolist()
             m = logprob_mismatch([s.logprobs for s in res.samples], learner_lp)
             print(f"\nstep {step}: sync {sync_s:.2f} s, |Δ| mean {m['mean_abs']:.2e} max {m['max_abs']:.2e}")
@@ -414,10 +409,9 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
 
 @pytest.mark.integration
 def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path) -> None:
-    from posttrain import runs
     from posttrain.config import validate
     from posttrain.data import build_sft_dataset, load_processing
-    from posttrain.rollout import RolloutGroup, learner_weight_buckets, sync_lora_from_learners
+    from posttrain.rollout import RolloutGroup, sync_lora_from_learners
     from posttrain.sft.driver import train_step
 
     cfg = validate(
@@ -435,15 +429,15 @@ def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path
             "logging": {"progress": False},
         },
     )
-    model_path = runs.prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
+    model_path = prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path)
     data = build_sft_dataset(cfg.data, processing, is_vl)
     prompt = chat_ids(processing, "What is 9+9?")
     engines = RolloutGroup(model_path, 1, num_cpus=0.5, name="rollout-lora", enable_lora=True, **ENGINE_ARGS)
-    learners = runs.start_learners(cfg, model_path, is_vl, total_steps=2)
+    learners = LearnerGroup(cfg, model_path, is_vl, total_steps=2)
     try:
         with pytest.raises(ValueError, match="LoRA"):  # full-weight buckets refuse an unmerged adapter
-            learners.run(learner_weight_buckets, 1)
+            learners.weight_buckets(1)
         base = engines.prompt_logprobs([prompt])[0]
         for step in range(2):
             train_step(learners, data, step, cfg)
@@ -451,7 +445,7 @@ def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path
             assert reports[0]["version"] == step + 1 and reports[0]["probe_max_abs"] < 1e-4
         res = engines.generate([RolloutRequest(prompt, n=2, max_tokens=8, seed=0, ignore_eos=True)])[0]
         seqs = torch.tensor([prompt + s.token_ids for s in res.samples])
-        lp = learners.call("token_logprobs", {"input_ids": seqs, "attention_mask": torch.ones_like(seqs)})[0]
+        lp = learners.batch_logprobs({"input_ids": seqs, "attention_mask": torch.ones_like(seqs)})
         m = logprob_mismatch([s.logprobs for s in res.samples], lp[:, len(prompt) - 1 :].tolist())
         print(f"\nLoRA sync: |Δ| mean {m['mean_abs']:.2e} max {m['max_abs']:.2e}")
         assert m["max_abs"] < 1e-4 and res.weight_version == 2

@@ -8,7 +8,6 @@ its own Ray session, sized by that stage, exactly as when run alone.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import shutil
@@ -18,18 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError, DatasetSpec, EvalConfig, dump_config
+from posttrain.data import load_processing
+from posttrain.distill import driver as distill_driver
+from posttrain.evaluation import EvalSet
+from posttrain.metrics import quiet_libraries
 from posttrain.pipeline.config import PipelineConfig
+from posttrain.rl import driver as rl_driver
+from posttrain.rollout.engine import RolloutGroup
+from posttrain.sft import driver as sft_driver
+from posttrain.workers import resolve_device
 
 log = logging.getLogger("posttrain.pipeline")
 DONE = "pipeline_stage.json"
 MODES = {False: "non_thinking", True: "thinking"}
+STAGES = {"sft": sft_driver.run, "distill": distill_driver.run, "rl": rl_driver.run}
 
 
 def run(cfg: PipelineConfig) -> Path:
-    from posttrain import runs
-
     began = time.perf_counter()
-    runs.quiet_libraries()
+    quiet_libraries()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -69,7 +75,7 @@ def run_stage(cfg: PipelineConfig, index: int, models: dict[str, Path]) -> Path:
     log.info("stage %s: posttrain %s %s", spec.name, spec.stage, spec.config)
     began = time.perf_counter()
     try:
-        final = importlib.import_module(f"posttrain.{spec.stage}.driver").run(cfg.stage_config(index, models))
+        final = STAGES[spec.stage](cfg.stage_config(index, models))  # type: ignore[operator]
     finally:
         ray.shutdown()  # the next stage sizes its own cluster (or reconnects to `ray.address`)
     model = trained_model(Path(final), spec.name)
@@ -98,7 +104,6 @@ def stage_records(cfg: PipelineConfig) -> dict[str, Any]:
 
 def export_variant(model: Path, folder: Path, thinking: bool) -> Path:
     """Copy `model` to `folder` with a chat template that thinks (or not) when the caller does not say."""
-    from posttrain.data import load_processing
 
     processing, _ = load_processing(model)
     with_default(processing, thinking)
@@ -156,10 +161,6 @@ def evaluate_all(
 
 
 def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool]) -> list[dict[str, Any]]:
-    from posttrain.data import load_processing
-    from posttrain.evaluation import EvalSet
-    from posttrain.rollout import RolloutGroup
-    from posttrain.workers import resolve_device
 
     assert cfg.eval is not None
     e = cfg.eval

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from posttrain.metrics import read_metrics
 from posttrain.pipeline.config import PipelineConfig
 
 PANELS: dict[str, tuple[str, ...]] = {
@@ -25,8 +26,6 @@ PANELS: dict[str, tuple[str, ...]] = {
 
 
 def write_report(out: Path, cfg: PipelineConfig, rows: list[dict[str, Any]]) -> Path:
-    from posttrain.metrics import read_metrics
-
     images = out / "report"
     images.mkdir(exist_ok=True)
     sections = []

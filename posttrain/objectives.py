@@ -1,0 +1,92 @@
+"""What the learner's one step optimises: an objective, the global counts it normalises by, and the
+statistics it returns.
+
+An objective is a typed, picklable value (a dataclass holding its own config) called on one micro-batch:
+`objective(logits, input_ids, batch, norms) -> (loss, stats)`, where `batch` holds the keys the model's
+forward does not take and `loss` is this micro-batch's share of the global loss (already divided by the
+global counts in `norms`, so any split over ranks and micro-batches sums to the same value). Stages define
+their objectives (rl/objective.py, distill/objective.py) and pass them to the learner group; Ray carries
+each by reference to its module, so the learner never imports a stage. NLL, SFT's, lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from posttrain.losses import token_nll_sum
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Norms:
+    """Counts of the whole optimizer step (every rank and micro-batch), which per-micro-batch losses are
+    divided by: loss tokens, sequences, the fixed length of Dr. GRPO-style aggregation, and the sampling
+    temperature the policy's logits are scaled by (RL)."""
+
+    tokens: float
+    seqs: float = 1.0
+    norm_length: float = 1.0
+    temperature: float = 1.0
+
+
+class Objective(Protocol):
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        norms: Norms,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class NLL:
+    """Next-token negative log-likelihood on the positions whose label is not -100 (SFT)."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        norms: Norms,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        import torch
+
+        nll, _ = token_nll_sum(logits, batch["labels"])
+        padded = torch.tensor(float(input_ids.numel()))
+        return nll * (1.0 / norms.tokens), {"nll_sum": nll.detach(), "input_tokens": padded}
+
+
+def merge_stat(key: str, a: float, b: float) -> float:
+    """The one reduction of a statistic over micro-batches, ranks and updates: keys ending in `_max`
+    are maxima, every other key a sum (means are taken by the stage from the summed counts)."""
+    return max(a, b) if key.endswith("_max") else a + b
+
+
+def merge_stats(into: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
+    for key, value in stats.items():
+        into[key] = merge_stat(key, into[key], float(value)) if key in into else float(value)
+    return into
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's result across Ray: summed objective statistics (and `loss`), the gradient
+    norm before clipping and the learning rate the step used (equal on every rank)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    lr: float = 0.0
+
+
+def reduce_ranks(per_rank: list[StepStats]) -> StepStats:
+    """The step as a whole: statistics merged over ranks; grad_norm and lr (the same on every rank after
+    DeepSpeed's all-reduce) averaged."""
+    sums: dict[str, float] = {}
+    for stats in per_rank:
+        merge_stats(sums, stats.sums)
+    n = len(per_rank)
+    return StepStats(sums, sum(s.grad_norm for s in per_rank) / n, sum(s.lr for s in per_rank) / n)

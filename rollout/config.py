@@ -1,0 +1,43 @@
+"""Rollout engine configuration (RL's policy engines, on-policy distillation's student engines). Imports
+only pydantic (see posttrain.config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from posttrain.config import EngineSettings
+
+
+class RolloutConfig(EngineSettings):
+    """vLLM engines and how they sample."""
+
+    num_engines: int = Field(1, ge=1)
+    """Engine actors (each a full copy of the policy)."""
+    cpus_per_engine: float = Field(1, gt=0)
+    """CPUs reserved per engine."""
+    max_model_len: int = Field(1024, ge=16)
+    """Prompt + response tokens an engine accepts."""
+    samples_per_prompt: int = Field(8, ge=2)
+    """Responses per prompt (the group size of the advantage)."""
+    max_tokens: int = Field(256, ge=1)
+    """Response length limit."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling (0: off)."""
+    thinking_budget: int | None = Field(None, ge=1)
+    """Close the think block after this many generated tokens and let the answer follow."""
+    sync: Literal["stream", "bulk"] = "stream"
+    """Weight sync: `stream` pipelines buckets (bounded memory), `bulk` puts them all first."""
+    bucket_mb: float = Field(64, gt=0)
+    """Weight-sync bucket size."""
+    probe_atol: float | None = Field(None, gt=0)
+    """After each sync the engines' logprobs of a fixed sequence must match the learners' within this
+    plus twice the difference measured on identical weights at the start (default by `model.dtype`:
+    1e-4 for float32, 0.05 for bfloat16)."""
+    sync_timeout_s: float = Field(600, gt=0)
+    """An engine not confirming a weight version within this fails the run (WeightSyncError)."""

@@ -1,0 +1,309 @@
+"""The generation side of the on-policy loops (RL, on-policy distillation): prompts, the stream that serves
+them, the engines that sample them and the episodes that come back.
+
+    sync = policy_sync(cfg, cfg.rollout, learners, engines, tokenizer, out)  # calibrated now
+    rollouts = Rollouts(engines, sync, prompts, cfg.rollout, seed, stop_ids, placeholders)
+    episodes = rollouts.take(16)           # the next 16 prompts of the stream, sampled (or prefetched)
+    rollouts.prefetch(16)                  # async: the next batch generates while this one trains
+    sync_metrics = rollouts.push_weights() # the learners' new weights to the engines, proved
+
+Token ids flow end to end: the engine's sampled ids are appended to the learner's prompt ids (never
+decoded and re-encoded). Each request's prompt and sampling seed are pure functions of (seed, position in
+the stream), and the position (plus a prefetched batch) is checkpointed, so a resumed run repeats the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import TrainingStage
+from posttrain.data import DataError, EvalPrompt, Needs, build_eval_prompts, epoch_order, tokenizer_of
+from posttrain.groups import LearnerGroup
+from posttrain.rollout.config import RolloutConfig
+from posttrain.rollout.engine import RolloutGroup, RolloutRequest, RolloutResult, RolloutSample
+from posttrain.rollout.weight_sync import PROBE_ATOL, WeightSync
+from posttrain.workers import resolve_device
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+PENDING_FILE = "pending_rollouts.json"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The `max_lora_rank` values vLLM accepts; engines take the smallest that fits `model.lora.r`."""
+
+
+class RolloutError(RuntimeError):
+    """An engine died or stopped answering during generation."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A validated prompt: learner ids (image pads expanded) and engine ids (one pad per image)."""
+
+    source: EvalPrompt
+    engine_ids: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.source.prompt_ids
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One sampled response to a prompt, as the engine produced it."""
+
+    prompt: Prompt
+    sample: RolloutSample
+    weight_version: int
+    placeholder: bool = False  # cut at a sampled vision placeholder (see `episodes_of`)
+
+    @property
+    def response(self) -> list[int]:
+        return self.sample.token_ids
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt.ids + self.sample.token_ids
+
+    @property
+    def truncated(self) -> bool:
+        return self.sample.finish_reason == "length"
+
+
+def build_prompts(
+    specs: list[Any], processing: Any, is_vl: bool, max_prompt_length: int, needs: Needs
+) -> list[Prompt]:
+    """Every row of every prompt dataset, validated up front: a prompt that is too long, whose image
+    tokens do not match its image features, or without a column in `needs` (the rewards') stops the run
+    naming the dataset and row."""
+    tok = tokenizer_of(processing)
+    prompts = []
+    for spec in specs:
+        for p in build_eval_prompts(spec, processing, needs=needs):
+            where = f"{spec.path} (split {spec.split}) row {p.row}"
+            if len(p.prompt_ids) > max_prompt_length:
+                raise DataError(
+                    f"{where}: prompt has {len(p.prompt_ids)} tokens (image tokens included), more than "
+                    f"data.max_prompt_length={max_prompt_length}; raise it or shorten the prompt"
+                )
+            engine_ids = p.prompt_ids
+            if is_vl and p.images:
+                _check_image_tokens(p, processing, where)
+                engine_ids = tok(p.prompt_text, add_special_tokens=False)["input_ids"]
+            prompts.append(Prompt(p, engine_ids))
+    return prompts
+
+
+def _check_image_tokens(p: EvalPrompt, processing: Any, where: str) -> None:
+    assert p.vision is not None
+    pad = tokenizer_of(processing).convert_tokens_to_ids(IMAGE_PAD)
+    merge = processing.image_processor.merge_size
+    features = int(p.vision["image_grid_thw"].prod(-1).sum()) // merge**2
+    tokens = p.prompt_ids.count(pad)
+    if tokens != features:
+        raise DataError(
+            f"{where}: {tokens} image tokens in the prompt but the images give {features} features"
+        )
+
+
+def prompt_order(num_prompts: int, seed: int, position: int) -> int:
+    """The prompt at `position` of the stream of epoch permutations laid end to end (pure, resumable)."""
+    return int(epoch_order(num_prompts, seed, position // num_prompts)[position % num_prompts])
+
+
+def requests_for(
+    prompts: list[Prompt], positions: range, seed: int, rollout: RolloutConfig, stop_ids: list[int]
+) -> tuple[list[Prompt], list[RolloutRequest]]:
+    """The prompts at stream `positions` and their requests; each request's sampling seed is a function
+    of (seed, position), so a resumed run samples the same tokens."""
+    chosen = [prompts[prompt_order(len(prompts), seed, pos)] for pos in positions]
+    requests = [
+        RolloutRequest(
+            p.engine_ids,
+            n=rollout.samples_per_prompt,
+            max_tokens=rollout.max_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            top_k=rollout.top_k,
+            stop_token_ids=stop_ids,
+            seed=(seed * 1_000_003 + pos) % 2**31,
+            images=p.source.images or None,
+            thinking_budget=rollout.thinking_budget,
+        )
+        for p, pos in zip(chosen, positions, strict=True)
+    ]
+    return chosen, requests
+
+
+def episodes_of(
+    prompts: list[Prompt], results: list[RolloutResult], placeholders: frozenset[int] | set[int] = frozenset()
+) -> list[Episode]:
+    """One per sample, grouped by prompt. A VL model may sample an image/video placeholder token, which
+    the learner's forward would try to match with image features: such a response is cut before it and
+    marked (it carries no loss)."""
+    out = []
+    for p, r in zip(prompts, results, strict=True):
+        for s in r.samples:
+            cut = next((j for j, tok in enumerate(s.token_ids) if tok in placeholders), None)
+            if cut is None:
+                out.append(Episode(p, s, r.weight_version))
+            else:
+                s = replace(s, token_ids=s.token_ids[:cut], logprobs=s.logprobs[:cut])
+                out.append(Episode(p, s, r.weight_version, placeholder=True))
+    return out
+
+
+def placeholder_ids(tokenizer: Any, is_vl: bool) -> set[int]:
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_PLACEHOLDERS] if is_vl else []
+    return {i for i in ids if isinstance(i, int) and i >= 0}
+
+
+def start_policy_engines(
+    cfg: TrainingStage, rollout: RolloutConfig, model_path: str, is_vl: bool, name: str
+) -> RolloutGroup:
+    """The engines that serve the policy being trained (RL's, the on-policy student's): LoRA-enabled
+    with the smallest rank vLLM accepts when the learners train an adapter."""
+    lora = cfg.model.lora
+    return RolloutGroup(
+        model_path,
+        rollout.num_engines,
+        num_cpus=rollout.cpus_per_engine,
+        device=resolve_device(cfg.device),
+        name=name,
+        sync_timeout_s=rollout.sync_timeout_s,
+        ray_address=cfg.ray.address,
+        max_model_len=rollout.max_model_len,
+        **rollout.group_kwargs(),
+        dtype=cfg.model.dtype,
+        seed=cfg.train.seed,
+        enable_lora=lora is not None,
+        max_lora_rank=min((x for x in VLLM_LORA_RANKS if x >= lora.r), default=lora.r) if lora else 16,
+        limit_images=4 if is_vl else None,
+    )
+
+
+def policy_sync(
+    cfg: TrainingStage,
+    rollout: RolloutConfig,
+    learners: LearnerGroup,
+    engines: RolloutGroup,
+    tokenizer: Any,
+    out: Path,
+) -> WeightSync:
+    """The weight sync of a policy's engines: the adapter for LoRA, else `rollout.sync`; the probe
+    tolerance is `rollout.probe_atol` (default by `model.dtype`) on top of the learner-vs-engine
+    difference calibrated now, on the starting weights."""
+    return WeightSync.for_run(
+        learners,
+        engines,
+        "adapter" if cfg.model.lora else rollout.sync,
+        tokenizer,
+        atol=rollout.probe_atol or PROBE_ATOL[cfg.model.dtype],
+        bucket_mb=rollout.bucket_mb,
+        adapters_dir=out / "adapters",
+    )
+
+
+@dataclass
+class PendingRollouts:
+    """Generation started for stream `positions`: engine refs until collected, then the results."""
+
+    prompts: list[Prompt]
+    positions: range
+    refs: list[Any] | None = None
+    results: list[RolloutResult] | None = None
+
+
+class Rollouts:
+    """The prompt stream, the engines sampling it, the weight sync keeping them on-policy, and the batch
+    generating ahead (async). `state` / `restore` carry the stream position, the weight version and that
+    batch through a checkpoint."""
+
+    def __init__(
+        self,
+        engines: RolloutGroup,
+        sync: WeightSync,
+        prompts: list[Prompt],
+        sampling: RolloutConfig,
+        seed: int,
+        stop_ids: list[int],
+        placeholders: set[int] | None = None,
+    ) -> None:
+        self.engines, self.sync, self.prompts = engines, sync, prompts
+        self.sampling, self.seed, self.stop_ids = sampling, seed, stop_ids
+        self.placeholders = placeholders or set()
+        self.cursor = 0  # position in the prompt stream
+        self.pending: PendingRollouts | None = None
+
+    def submit(self, num_prompts: int) -> PendingRollouts:
+        """Start generation for the next `num_prompts` prompts of the stream (returns at once)."""
+        positions = range(self.cursor, self.cursor + num_prompts)
+        self.cursor += num_prompts
+        prompts, requests = requests_for(self.prompts, positions, self.seed, self.sampling, self.stop_ids)
+        return PendingRollouts(prompts, positions, refs=self.engines.submit(requests))
+
+    def prefetch(self, num_prompts: int) -> None:
+        """Generate the next batch while the caller trains on this one (with the current weights)."""
+        self.pending = self.submit(num_prompts)
+
+    def finish_prefetch(self) -> None:
+        """Wait for the prefetched batch, so the engines are idle for the weight sync."""
+        if self.pending is not None:
+            self._collect(self.pending)
+
+    def take(self, num_prompts: int) -> list[Episode]:
+        """The prefetched batch, else the next `num_prompts` prompts sampled now."""
+        pending, self.pending = self.pending or self.submit(num_prompts), None
+        return episodes_of(pending.prompts, self._collect(pending), self.placeholders)
+
+    def _collect(self, pending: PendingRollouts) -> list[RolloutResult]:
+        """The results; an engine that died or hangs becomes a RolloutError naming it."""
+        import ray
+
+        if pending.results is None:
+            try:
+                pending.results = list(self.engines.collect(pending.refs or []))
+            except ray.exceptions.RayActorError as e:
+                raise RolloutError(f"a rollout engine died during generation: {e}") from None
+            except TimeoutError as e:
+                raise RolloutError(f"rollout engines did not answer: {e}") from None
+            pending.refs = None
+        return pending.results
+
+    def push_weights(self) -> dict[str, float]:
+        """The learners' next weight version to every engine (proved, or WeightSyncError)."""
+        return self.sync.push(self.sync.version + 1)
+
+    @property
+    def version(self) -> int:
+        return self.sync.version
+
+    def state(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Checkpoint metadata (stream position, weight version) and files (a prefetched batch)."""
+        files = {}
+        if self.pending is not None:
+            results = self._collect(self.pending)
+            positions = self.pending.positions
+            files[PENDING_FILE] = json.dumps(
+                {"positions": [positions.start, positions.stop], "results": [asdict(r) for r in results]}
+            )
+        return {"cursor": self.cursor, "version": self.sync.version}, files
+
+    def restore(self, meta: dict[str, Any], path: Path) -> None:
+        """Continue from a checkpoint: the stream position, the prefetched batch, and the engines get the
+        restored weights (as the saved version) before the first step."""
+        self.cursor = int(meta["cursor"])
+        pending_file = path / PENDING_FILE
+        if pending_file.is_file():
+            saved = json.loads(pending_file.read_text())
+            positions = range(*saved["positions"])
+            results = [
+                RolloutResult(**{**r, "samples": [RolloutSample(**s) for s in r["samples"]]})
+                for r in saved["results"]
+            ]
+            prompts = [self.prompts[prompt_order(len(self.prompts), self.seed, p)] for p in positions]
+            self.pending = PendingRollouts(prompts, positions, results=results)
+        self.sync.push(int(meta["version"]))
