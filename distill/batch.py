@@ -32,7 +32,8 @@ def encode_sequences(data_cfg: Any, processing: Any, is_vl: bool) -> list[Sequen
     and encoded as `posttrain sft` does (no packing), in dataset order. Text only: the teacher scores token
     ids, so rows with images stop the run naming the row."""
     from posttrain.config import DataConfig
-    from posttrain.data import DataError, build_sft_dataset
+    from posttrain.data.errors import DataError
+    from posttrain.data.sft_dataset import build_sft_dataset
 
     sft_cfg = DataConfig(
         train=data_cfg.train,

@@ -41,7 +41,7 @@ class Student:
 
     @property
     def tokenizer(self) -> Any:
-        from posttrain.data import tokenizer_of
+        from posttrain.data.processing import tokenizer_of
 
         return tokenizer_of(self.processing)
 
@@ -55,7 +55,7 @@ def run(cfg: DistillConfig) -> Path:
     """Run the configured mode; return the exported `final/` folder (off_policy: the written dataset, or
     the SFT run's `final/` when `off_policy.then_sft` is set)."""
     from posttrain import runs
-    from posttrain.data import load_processing
+    from posttrain.data.processing import load_processing
     from posttrain.workers import init_ray
 
     began = time.perf_counter()
@@ -105,7 +105,7 @@ def cpus_needed(cfg: DistillConfig) -> int:
 def prepare_teacher(cfg: DistillConfig, student: Student) -> str:
     """The teacher's path, built by `teacher.init_from_sft` first when missing; its tokenizer must be the
     student's."""
-    from posttrain.data import load_processing, tokenizer_of
+    from posttrain.data.processing import load_processing, tokenizer_of
     from posttrain.distill.topk_store import tokenizer_identity
 
     t = cfg.teacher
@@ -129,7 +129,7 @@ def prepare_teacher(cfg: DistillConfig, student: Student) -> str:
 def check_early(cfg: DistillConfig, student: Student) -> None:
     """The tokenizer check before Ray and engines start, where the teacher (or the offline store) is
     already on disk; a teacher built by `teacher.init_from_sft` is checked once it exists."""
-    from posttrain.data import load_processing, tokenizer_of
+    from posttrain.data.processing import load_processing, tokenizer_of
     from posttrain.distill.topk_store import MANIFEST, TopKStore, tokenizer_identity
 
     if cfg.mode == "offline" and (cfg.store_dir / MANIFEST).is_file():
@@ -187,7 +187,7 @@ def start_teacher(cfg: DistillConfig, path: str) -> Any:
 
 def ordered_sequences(cfg: DistillConfig, student: Student) -> list[Any]:
     """The training sequences in the order the student reads them: the seed's permutation."""
-    from posttrain.data import epoch_order
+    from posttrain.data.order import epoch_order
     from posttrain.distill.batch import encode_sequences
 
     seqs = encode_sequences(cfg.data, student.processing, student.is_vl)
@@ -227,7 +227,7 @@ def capture_store(
     down before training starts."""
     import json
 
-    from posttrain.data import load_processing, tokenizer_of
+    from posttrain.data.processing import load_processing, tokenizer_of
     from posttrain.distill.batch import capture
     from posttrain.distill.topk_store import TopKWriter, teacher_identity
 

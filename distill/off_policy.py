@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.data import NO_NEEDS, DataError
+from posttrain.data.errors import DataError
+from posttrain.data.rows import NO_NEEDS
 from posttrain.distill.config import DistillConfig
 from posttrain.rewards.registry import required_columns
 
@@ -36,7 +37,8 @@ def build_teacher_prompts(cfg: DistillConfig, tokenizer: Any) -> list[TeacherPro
     """Every prompt row in every chat mode of `off_policy.modes`, rendered with the generation prompt."""
     from dataclasses import replace
 
-    from posttrain.data import load_samples, render
+    from posttrain.data.chat import render
+    from posttrain.data.rows import load_samples
 
     needs = required_columns(cfg.off_policy.rewards.rewards) if cfg.off_policy.rewards else NO_NEEDS
     out = []
@@ -109,7 +111,8 @@ def run_off_policy(cfg: DistillConfig, out: Path, student: Any, teacher_path: st
 
 def answer_row(p: TeacherPrompt, ids: list[int], tok: Any, stop: list[int]) -> dict[str, Any]:
     """A `messages` row: the prompt's turns, then the teacher's answer with its reasoning split out."""
-    from posttrain.data import chat_messages, split_reasoning
+    from posttrain.data.chat import chat_messages
+    from posttrain.data.rows import split_reasoning
 
     text = tok.decode([i for i in ids if i not in stop], skip_special_tokens=False)
     reasoning, answer = split_reasoning(text)

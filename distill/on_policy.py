@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.data import NO_NEEDS, DataError
+from posttrain.data.errors import DataError
+from posttrain.data.rows import NO_NEEDS
 from posttrain.distill.config import DistillConfig
 from posttrain.metrics import due
 

@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 
-from posttrain.data import DataError, EvalPrompt, Needs, build_eval_prompts, epoch_order, tokenizer_of
+from posttrain.data.errors import DataError
+from posttrain.data.order import epoch_order
+from posttrain.data.processing import tokenizer_of
+from posttrain.data.prompts import EvalPrompt, build_eval_prompts
+from posttrain.data.rows import Needs
 from posttrain.rollout.engine import RolloutRequest, RolloutResult, RolloutSample
 
 IMAGE_PAD = "<|image_pad|>"

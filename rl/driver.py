@@ -57,7 +57,7 @@ class Run:
 def run(cfg: RLConfig) -> Path:
     """Train as configured; return the exported `final/` folder."""
     from posttrain import runs
-    from posttrain.data import load_processing, tokenizer_of
+    from posttrain.data.processing import load_processing, tokenizer_of
     from posttrain.evaluation import EvalSet
     from posttrain.rewards.registry import required_columns
     from posttrain.rewards.runtime import RewardRuntime

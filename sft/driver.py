@@ -25,7 +25,8 @@ log = logging.getLogger("posttrain.sft")
 def run(cfg: SFTConfig) -> Path:
     """Train as configured; return the exported `final/` folder."""
     from posttrain import runs
-    from posttrain.data import build_sft_dataset, load_processing
+    from posttrain.data.processing import load_processing
+    from posttrain.data.sft_dataset import build_sft_dataset
     from posttrain.evaluation import EvalSet
     from posttrain.metrics import MetricsLog
 

@@ -13,7 +13,7 @@ from posttrain.rollout import RolloutSample
 
 
 def _traj(prompt: list[int], response: list[int], **sample: object) -> Trajectory:
-    from posttrain.data import EvalPrompt
+    from posttrain.data.prompts import EvalPrompt
 
     source = EvalPrompt(prompt, "p", "1", "thinking", 0)
     lps = [-0.1 * (j + 1) for j in range(len(response))]

@@ -98,7 +98,7 @@ def stage_records(cfg: PipelineConfig) -> dict[str, Any]:
 
 def export_variant(model: Path, folder: Path, thinking: bool) -> Path:
     """Copy `model` to `folder` with a chat template that thinks (or not) when the caller does not say."""
-    from posttrain.data import load_processing
+    from posttrain.data.processing import load_processing
 
     processing, _ = load_processing(model)
     with_default(processing, thinking)
@@ -156,7 +156,7 @@ def evaluate_all(
 
 
 def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool]) -> list[dict[str, Any]]:
-    from posttrain.data import load_processing
+    from posttrain.data.processing import load_processing
     from posttrain.evaluation import EvalSet
     from posttrain.rollout import RolloutGroup
     from posttrain.workers import resolve_device
