@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.checkpoint import publish_file
 from posttrain.data.errors import DataError
 from posttrain.data.rows import NO_NEEDS
 from posttrain.distill.config import DistillConfig
@@ -152,9 +153,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     from datasets import Dataset
 
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".train.parquet.tmp"
-    Dataset.from_list(rows).to_parquet(str(tmp))
-    tmp.replace(path / "train.parquet")
+    publish_file(path / "train.parquet", lambda p: Dataset.from_list(rows).to_parquet(str(p)))
 
 
 def run_sft_on(cfg: DistillConfig, out: Path, student: Any, data: Path) -> Path:
