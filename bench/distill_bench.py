@@ -178,7 +178,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     """The config (offline), the student and the training sequences in the order every trainer reads them;
     builds the tiny student, the data and (by its own SFT run, in a child process) a missing teacher."""
     from posttrain import runs
-    from posttrain.data import load_processing
+    from posttrain.data.processing import load_processing
     from posttrain.distill.driver import Student, ordered_sequences
 
     cfg = distill_config(args)

@@ -340,7 +340,8 @@ def check_prompts(trainer: Any, rows: Any, model: Path, data: Path) -> dict[str,
     """The first prompts tokenised by posttrain's RL prompt builder and by TRL: equal ids? and the stop
     tokens of each (posttrain stops at <|im_end|>, TRL at the tokenizer's EOS ids)."""
     from posttrain.config import DatasetSpec
-    from posttrain.data import build_eval_prompts, load_processing
+    from posttrain.data.processing import load_processing
+    from posttrain.data.prompts import build_eval_prompts
 
     processing, _ = load_processing(model)
     spec = DatasetSpec(path=str(data), split="train", thinking="thinking", max_rows=CHECK_ROWS)

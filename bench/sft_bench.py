@@ -242,7 +242,8 @@ def make_trl_trainer(args: argparse.Namespace, model_dir: Path, rows: Any) -> An
 def check_tokens(trainer: Any, rows: Any, data: Path, max_length: int) -> dict[str, Any]:
     """Encode the first rows with both pipelines (TRL's unpacked dataset preparation) and compare."""
     from posttrain.config import DatasetSpec
-    from posttrain.data import encode_sample, load_samples
+    from posttrain.data.chat import encode_sample
+    from posttrain.data.rows import load_samples
 
     spec = DatasetSpec(path=str(data), split="train", thinking="thinking", max_rows=CHECK_ROWS)
     samples, _, _ = load_samples(spec)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from posttrain.config import DataConfig
-from posttrain.data import DataError, build_sft_dataset
+from posttrain.data.errors import DataError
+from posttrain.data.sft_dataset import build_sft_dataset
 from posttrain.distill.topk_store import TopKRow
 from posttrain.rollout.engine import RolloutGroup
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.data import load_processing
+from posttrain.data.processing import load_processing
 from posttrain.distill.config import DistillConfig
 from posttrain.distill.off_policy import run_off_policy
 from posttrain.distill.on_policy import run_on_policy

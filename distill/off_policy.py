@@ -18,8 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from posttrain.checkpoint import publish_file
 from posttrain.config import load_config
-from posttrain.data import NO_NEEDS, DataError, chat_messages, load_samples, render, split_reasoning
+from posttrain.data.chat import chat_messages, render
+from posttrain.data.errors import DataError
+from posttrain.data.rows import NO_NEEDS, load_samples, split_reasoning
 from posttrain.distill.config import DistillConfig
 from posttrain.distill.teacher import Student, start_teacher
 from posttrain.rewards.registry import required_columns
@@ -142,9 +145,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     from datasets import Dataset
 
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".train.parquet.tmp"
-    Dataset.from_list(rows).to_parquet(str(tmp))
-    tmp.replace(path / "train.parquet")
+    publish_file(path / "train.parquet", lambda p: Dataset.from_list(rows).to_parquet(str(p)))
 
 
 def run_sft_on(cfg: DistillConfig, out: Path, student: Student, data: Path) -> Path:

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.data import NO_NEEDS, DataError
+from posttrain.data.errors import DataError
+from posttrain.data.rows import NO_NEEDS
 from posttrain.distill.config import DistillConfig
 from posttrain.distill.teacher import Student, start_teacher
 from posttrain.distill.top_k import distill_update

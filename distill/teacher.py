@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError, load_config
-from posttrain.data import epoch_order, load_processing, tokenizer_of
+from posttrain.data.order import epoch_order
+from posttrain.data.processing import load_processing, tokenizer_of
 from posttrain.distill.batch import Sequence, encode_sequences
 from posttrain.distill.config import MAX_TOP_K, DistillConfig
 from posttrain.distill.topk_store import MANIFEST, TopKStore, check_same_tokenizer, tokenizer_identity

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError
-from posttrain.data import load_processing, tokenizer_of
+from posttrain.data.processing import load_processing, tokenizer_of
 from posttrain.distill.batch import Sequence, capture, collate, score_sequences
 from posttrain.distill.config import DistillConfig
 from posttrain.distill.objective import DistillObjective

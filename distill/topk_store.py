@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
+
+from posttrain.checkpoint import publish_file
 
 FORMAT = "posttrain-topk"
 VERSION = 1
@@ -98,20 +99,6 @@ def check_same_tokenizer(
             f"the student's tokenizer differs from the teacher's, so the stored top-k ids would name other "
             f"tokens: student {dict(student)} vs teacher {teacher}"
         )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def _shard_name(index: int) -> str:
@@ -187,7 +174,7 @@ class TopKWriter:
             "teacher": self.teacher,
             "shards": self._shards,
         }
-        _write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+        publish_file(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
         self._closed = True
 
     def _flush(self) -> None:
@@ -202,7 +189,7 @@ class TopKWriter:
         }
         data = save_safetensors(arrays, metadata={"format": FORMAT, "extra": json.dumps(extras)})
         name = _shard_name(len(self._shards))
-        _write_atomic(self.directory / name, data)
+        publish_file(self.directory / name, data)
         self._shards.append(
             {
                 "file": name,

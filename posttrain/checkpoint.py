@@ -186,11 +186,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temp file in the same folder, fsync, then os.replace: readers see old or new, never half."""
+def publish_file(path: str | os.PathLike[str], content: str | bytes | Callable[[Path], object]) -> None:
+    """Write the file `path` atomically: readers see the old file or the new one, never half of one.
+
+    `content` is text (written as `Path.write_text` does), bytes, or a function that writes the file at the
+    path it is given (e.g. `lambda p: save_file(tensors, str(p))`). It goes to a temp file `.tmp-<name>-<hex>`
+    in the same folder, which is fsynced, renamed over `path` with os.replace, and the folder is fsynced so
+    the rename itself survives a crash. A write that raises removes its temp file; a crash leaves at most
+    that temp file beside an untouched `path`.
+    """
+    path = Path(path)
     tmp = path.with_name(f"{_TMP}{path.name}-{uuid.uuid4().hex}")
     try:
-        write(tmp)
+        if isinstance(content, str):
+            tmp.write_text(content)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -198,6 +211,22 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Rename the complete folder tmp to final; an existing final is moved aside, then deleted, so final
+    is never a half-written or half-deleted folder.
+
+    A crash between the two renames leaves `.old-<name>-*` and no final (for checkpoints `_repair` moves it
+    back).
+    """
+    old = final.with_name(f"{_OLD}{final.name}-{uuid.uuid4().hex}") if final.exists() else None
+    if old is not None:
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _dumps(obj: Any, what: str) -> str:
@@ -222,7 +251,7 @@ def save_state(directory: str | os.PathLike[str], name: str, obj: Any) -> None:
     meta = {_FORMAT_KEY: str(FORMAT_VERSION), _SKELETON_KEY: _dumps(skeleton, f"state {name!r}")}
     path = _file_name(directory, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    publish_file(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 def load_state(directory: str | os.PathLike[str], name: str) -> Any:
@@ -354,28 +383,12 @@ def commit_checkpoint(tmp_dir: str | os.PathLike[str], step: int, meta: dict[str
     }
     text = _dumps(manifest, "checkpoint meta")
     # Last write before the rename: a step folder without a valid manifest can only come from tampering.
-    _atomic_write(tmp / MANIFEST, lambda p: p.write_text(text))
+    publish_file(tmp / MANIFEST, text)
     final = root / name
     publish_folder(tmp, final)
     text = _dumps({"step": step, "dir": name}, "latest")
-    _atomic_write(root / LATEST, lambda p: p.write_text(text))
+    publish_file(root / LATEST, text)
     return final
-
-
-def publish_folder(tmp: Path, final: Path) -> None:
-    """Rename the complete folder tmp to final; an existing final is moved aside, then deleted, so final
-    is never a half-written or half-deleted folder.
-
-    A crash between the two renames leaves `.old-<name>-*` and no final (for checkpoints `_repair` moves it
-    back).
-    """
-    old = final.with_name(f"{_OLD}{final.name}-{uuid.uuid4().hex}") if final.exists() else None
-    if old is not None:
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from posttrain.checkpoint import CheckpointError
     from posttrain.config import ConfigError
-    from posttrain.data import DataError
+    from posttrain.data.errors import DataError
     from posttrain.rewards.registry import RewardLoadError
 
     try:

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.checkpoint import publish_file
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased so the user knows which key or file to fix."""
@@ -426,4 +428,4 @@ def load_config(command: str, path: str | Path, overrides: list[str] | None = No
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    publish_file(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

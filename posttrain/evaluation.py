@@ -20,7 +20,8 @@ class EvalSet:
 
     @classmethod
     def build(cls, spec: DatasetSpec, cfg: EvalConfig, processing: Any, is_vl: bool) -> EvalSet:
-        from posttrain.data import build_eval_prompts, tokenizer_of
+        from posttrain.data.processing import tokenizer_of
+        from posttrain.data.prompts import build_eval_prompts
 
         tok = tokenizer_of(processing)
         prompts = build_eval_prompts(spec, processing, cfg.thinking, cfg.max_samples)

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from posttrain.checkpoint import publish_file
 from posttrain.config import LoggingConfig
 
 
@@ -33,9 +34,7 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    publish_file(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from posttrain.config import load_config
-from posttrain.data import load_processing, tokenizer_of
+from posttrain.data.processing import load_processing, tokenizer_of
 from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup, LogprobSource, ReferenceGroup, shard_batches
 from posttrain.objectives import Norms, StepStats, merge_stats

@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import TrainingStage
-from posttrain.data import DataError, EvalPrompt, Needs, build_eval_prompts, epoch_order, tokenizer_of
+from posttrain.data.errors import DataError
+from posttrain.data.order import epoch_order
+from posttrain.data.processing import tokenizer_of
+from posttrain.data.prompts import EvalPrompt, build_eval_prompts
+from posttrain.data.rows import Needs
 from posttrain.groups import LearnerGroup
 from posttrain.rollout.config import RolloutConfig
 from posttrain.rollout.engine import RolloutGroup, RolloutRequest, RolloutResult, RolloutSample

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import SFTConfig
-from posttrain.data import SFTData, build_sft_dataset, load_processing
+from posttrain.data.processing import load_processing
+from posttrain.data.sft_dataset import SFTData, build_sft_dataset
 from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup, shard_batches
 from posttrain.objectives import NLL, Norms

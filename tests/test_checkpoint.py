@@ -31,6 +31,7 @@ from posttrain.checkpoint import (
     latest_checkpoint,
     load_state,
     prune_checkpoints,
+    publish_file,
     read_manifest,
     restore_rng,
     save_state,
@@ -216,6 +217,29 @@ def test_state_is_one_file_with_the_exact_name(tmp_path: Path) -> None:
     (tmp_path / "plain").write_bytes((tmp_path / "mp_rank_00_model_states.pt").read_bytes()[:20])
     with pytest.raises(CheckpointError, match="plain: cannot read"):
         load_state(tmp_path, "plain")
+
+
+def test_publish_file_writes_text_bytes_or_through_a_writer_and_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    publish_file(target, "text\n")
+    assert target.read_text() == "text\n"
+    publish_file(target, b"\x00bytes")
+    assert target.read_bytes() == b"\x00bytes"
+    publish_file(str(target), lambda p: p.write_text("by writer"))
+    assert target.read_text() == "by writer" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_publish_file_that_fails_keeps_the_old_file_and_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def half_then_fail(p: Path) -> None:
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        publish_file(target, half_then_fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
 def commit(root: Path, step: int, value: float) -> Path:

@@ -9,20 +9,13 @@ from typing import Any
 import pytest
 
 from posttrain.config import DataConfig, DatasetSpec, TinyTask
-from posttrain.data import (
-    IGNORE_INDEX,
-    DataError,
-    build_eval_prompts,
-    build_sft_dataset,
-    collate,
-    count_loss_tokens,
-    encode_sample,
-    load_processing,
-    load_samples,
-    load_split,
-    pack,
-    split_reasoning,
-)
+from posttrain.data.chat import IGNORE_INDEX, encode_sample
+from posttrain.data.errors import DataError
+from posttrain.data.files import load_split
+from posttrain.data.processing import load_processing
+from posttrain.data.prompts import build_eval_prompts
+from posttrain.data.rows import load_samples, split_reasoning
+from posttrain.data.sft_dataset import build_sft_dataset, collate, count_loss_tokens, pack
 
 USER = "What is 2+3?"
 REASONING = "2+3=5 write 5 carry 0\nanswer 5"

@@ -123,7 +123,8 @@ def test_sft_micro_batches_keep_packed_samples_apart(
         prepare_fa_kwargs_from_position_ids,
     )
 
-    from posttrain.data import build_sft_dataset, load_processing
+    from posttrain.data.processing import load_processing
+    from posttrain.data.sft_dataset import build_sft_dataset
     from posttrain.sft.driver import train_step
 
     cfg = sft_config(tmp_path, tiny_text_model, attn_implementation=attn)

@@ -17,7 +17,8 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from posttrain.data import build_sft_dataset, load_processing
+    from posttrain.data.processing import load_processing
+    from posttrain.data.sft_dataset import build_sft_dataset
     from posttrain.losses import next_token_logprobs
     from posttrain.sft.driver import train_step
     from posttrain.stage import StageRun, prepare_inputs

@@ -12,7 +12,9 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.config import DatasetSpec
-from posttrain.data import DataError, build_eval_prompts, load_processing
+from posttrain.data.errors import DataError
+from posttrain.data.processing import load_processing
+from posttrain.data.prompts import build_eval_prompts
 from posttrain.rewards import RewardLoadError, RewardsConfig
 from posttrain.rewards.registry import required_columns
 from posttrain.rollout.episodes import build_prompts

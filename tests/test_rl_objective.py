@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, validate
-from posttrain.data import EvalPrompt
+from posttrain.data.prompts import EvalPrompt
 from posttrain.objectives import Norms
 from posttrain.rl.batch import Experience, Scored, collate, loss_positions, response_logprobs
 from posttrain.rl.config import AlgorithmConfig

@@ -294,7 +294,8 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
     engines: Any, tmp_path: Path, tiny_text_model: Path
 ) -> None:
     from posttrain.config import validate
-    from posttrain.data import build_sft_dataset, load_processing
+    from posttrain.data.processing import load_processing
+    from posttrain.data.sft_dataset import build_sft_dataset
     from posttrain.rollout import stream_sync_from_learners, sync_from_learners
     from posttrain.sft.driver import train_step
 
@@ -410,7 +411,8 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
 @pytest.mark.integration
 def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path) -> None:
     from posttrain.config import validate
-    from posttrain.data import build_sft_dataset, load_processing
+    from posttrain.data.processing import load_processing
+    from posttrain.data.sft_dataset import build_sft_dataset
     from posttrain.rollout import RolloutGroup, sync_lora_from_learners
     from posttrain.sft.driver import train_step
 

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from posttrain.checkpoint import publish_file
 from posttrain.config import ConfigError, DatasetSpec, EvalConfig, dump_config
-from posttrain.data import load_processing
+from posttrain.data.processing import load_processing
 from posttrain.distill import driver as distill_driver
 from posttrain.evaluation import EvalSet
 from posttrain.metrics import quiet_libraries
@@ -208,6 +209,4 @@ def format_table(rows: list[dict[str, Any]], splits: list[str]) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.rename(path)
+    publish_file(path, json.dumps(data, indent=1))

@@ -32,13 +32,17 @@ RUNNERS: dict[str, Callable[[Any], Path]] = {
 def run_stage(stage: str, cfg: Any) -> Path:
     """Build the models `cfg` links to when missing, run the stage, then its follow-up SFT (if any)."""
     for key, path, init in links_to_build(cfg):
-        log.info("%s %s is missing: running SFT %s %s first", key, path, init.config, " ".join(init.overrides))
+        log.info(
+            "%s %s is missing: running SFT %s %s first", key, path, init.config, " ".join(init.overrides)
+        )
         run_linked_sft(init, [f"output_dir={Path(path).parent}"])
     result = RUNNERS[stage](cfg)
     if isinstance(cfg, DistillConfig) and cfg.mode == "off_policy" and cfg.off_policy.then_sft:
         data = f"data.train=[{{path: '{result}', split: train, thinking: column}}]"
         student = [f"model.path={Path(cfg.model.path).resolve()}", "model.tiny=null", data]
-        result = run_linked_sft(cfg.off_policy.then_sft, [f"output_dir={Path(cfg.output_dir).resolve() / 'sft'}", *student])
+        result = run_linked_sft(
+            cfg.off_policy.then_sft, [f"output_dir={Path(cfg.output_dir).resolve() / 'sft'}", *student]
+        )
     return result
 
 
