@@ -180,7 +180,8 @@ def posttrain_config(args: argparse.Namespace, model: Path, data: Path) -> Any:
                 "weight_decay": 0.0,
                 "grad_clip": GRAD_CLIP,
             },
-            "learners": {"num_learners": 1, "zero_stage": 0, "device": "cpu", "cpus_per_learner": cpus},
+            "device": "cpu",
+            "learners": {"num_learners": 1, "zero_stage": 0, "cpus_per_learner": cpus},
             # Nothing is saved in between; the driver still saves and exports once after the last step.
             "checkpoint": {"every_steps": None, "resume": "never"},
             "logging": {"progress": False},

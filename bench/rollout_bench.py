@@ -308,12 +308,8 @@ def learner_config(args: argparse.Namespace, model: Path) -> Any:
             "output_dir": str(args.out / f"rollout-learner-{args.size}"),
             "model": {"path": str(model), "dtype": "float32"},
             "data": {"train": [{"path": str(args.out / "arithmetic")}]},  # not read: no training here
-            "learners": {
-                "num_learners": 1,
-                "zero_stage": 0,
-                "device": "cpu",
-                "cpus_per_learner": args.threads,
-            },
+            "device": "cpu",
+            "learners": {"num_learners": 1, "zero_stage": 0, "cpus_per_learner": args.threads},
             "logging": {"progress": False},
         },
     )

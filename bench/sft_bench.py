@@ -128,7 +128,8 @@ def posttrain_config(args: argparse.Namespace, model: Path, data: Path, threads:
                 "weight_decay": 0.0,
                 "grad_clip": GRAD_CLIP,
             },
-            "learners": {"num_learners": 1, "zero_stage": 0, "device": "cpu", "cpus_per_learner": threads},
+            "device": "cpu",
+            "learners": {"num_learners": 1, "zero_stage": 0, "cpus_per_learner": threads},
             # The driver always saves and exports at the end; nothing is saved in between.
             "checkpoint": {"every_steps": 10**9, "keep_last": 1, "resume": "never"},
             "logging": {"progress": False},
