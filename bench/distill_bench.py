@@ -27,19 +27,18 @@ ratios, and writes `OUT/distill_bench.json`.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
-from trl_matched import BETAS, GRAD_CLIP, trl_optimizer_args  # bench/ is on sys.path when run
+import common  # bench/ is on sys.path when run
+from common import BETAS, GRAD_CLIP
 
 WARMUP_STEPS = 2
 LR = 3e-3  # configs/tiny/distill.yaml's peak learning rate, here constant
@@ -75,6 +74,8 @@ class StepCounts:
 
 @dataclass
 class Result:
+    """One trainer's figures, in the order of the table's columns."""
+
     trainer: str
     steps_timed: int
     median_step_s: float
@@ -86,8 +87,22 @@ class Result:
     final_loss: float
 
 
+COLUMNS = (
+    "trainer",
+    "steps",
+    "s/step",
+    "teacher s",
+    "rest s",
+    "tokens/s",
+    "loss tok/s",
+    "loss 1st",
+    "loss last",
+)
+FORMATS = ("<18", ">5", ">7.3f", ">9.3f", ">7.3f", ">9.0f", ">10.0f", ">8.4f", ">9.4f")
+
+
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument(
         "--config", type=Path, default=Path("configs/tiny/distill.yaml"), help="student, data, teacher engine"
     )
@@ -97,20 +112,11 @@ def parse_args() -> argparse.Namespace:
         default="configs/tiny/sft.yaml",
         help="the SFT config that builds --teacher when it is missing (empty: never build it)",
     )
-    p.add_argument(
-        "--steps", type=int, default=22, help=f"optimizer steps per trainer ({WARMUP_STEPS} untimed)"
-    )
-    p.add_argument("--global-batch", type=int, default=64)
-    p.add_argument("--micro-batch", type=int, default=64)
+    common.add_steps(p, 22, WARMUP_STEPS)
+    common.add_batches(p, 64)
     p.add_argument("--top-k", type=int, default=16, help="posttrain's teacher top-k (plus one tail bucket)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--posttrain-child", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.steps <= WARMUP_STEPS:
-        p.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
-    if args.global_batch % args.micro_batch:
-        p.error("--global-batch must be a multiple of --micro-batch")
-    return args
+    return common.parse(p)
 
 
 def summarise(trainer: str, steps: list[StepCounts], losses: list[float]) -> Result:
@@ -231,15 +237,8 @@ def run_posttrain(
         cfg = offline_cfg
     out = Path(cfg.output_dir)
     shutil.rmtree(out, ignore_errors=True)  # offline: a fresh store, so capture is measured
-    with log.open("w") as f:
-        cmd = [sys.executable, __file__, "--posttrain-child", str(config_file)]
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if done.returncode:
-        tail = log.read_text().splitlines()[-40:]
-        sys.exit(
-            f"posttrain distill mode={mode} failed ({done.returncode}); last lines of {log}:\n"
-            + "\n".join(tail)
-        )
+    cmd = [sys.executable, __file__, "--posttrain-child", str(config_file)]
+    common.run_logged(cmd, log, f"posttrain distill mode={mode}")
     records = read_metrics(out / "metrics.jsonl")
     capture = {k: v for r in records if r["step"] == 0 for k, v in r.items() if k.startswith("capture/")}
     by_step = {r["step"]: r for r in records}
@@ -285,8 +284,7 @@ def trl_config(args: argparse.Namespace) -> Any:
     from trl.experimental.gkd import GKDConfig
 
     return GKDConfig(
-        output_dir=str(args.out / "trl-gkd"),
-        max_steps=args.steps,
+        **common.trl_args(args.out / "trl-gkd", args.steps, LR),
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.global_batch // args.micro_batch,
         lmbda=0.0,  # never the student's own samples: the dataset's sequences, as posttrain offline/online
@@ -295,29 +293,30 @@ def trl_config(args: argparse.Namespace) -> Any:
         temperature=1.0,  # only used for sampling, which lmbda=0 never does; the loss is at temperature 1
         max_new_tokens=128,  # unused with lmbda=0
         train_sampling_strategy="sequential",  # the rows come in posttrain's order
-        **trl_optimizer_args(LR),
         max_length=None,  # posttrain already applied data.max_length
         disable_dropout=True,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
     )
 
 
 def make_trl_trainer(args: argparse.Namespace, cfg: Any, student_path: str, rows: Any) -> Any:
     """A GKDTrainer whose optimizer steps (with fetching and collating their batches) are timed, its
     teacher's forward passes too, and whose batches are counted."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.gkd import GKDTrainer
 
-    class CountingTrainer(GKDTrainer):
+    class CountingTrainer(common.timed_trainer(GKDTrainer)):
+        counts: list[int]  # this step's real tokens and loss tokens
+        teacher_seconds: float
+        fetch_seconds = 0.0  # a step's batches are fetched before it begins: reset when it ends
+
+        def step_began(self) -> None:
+            self.counts, self.teacher_seconds = [0, 0], 0.0
+
+        def step_record(self, seconds: float) -> StepCounts:
+            record = StepCounts(seconds + self.fetch_seconds, self.teacher_seconds, *self.counts)
+            self.fetch_seconds = 0.0
+            return record
+
         def get_batch_samples(self, *a: Any, **kw: Any) -> Any:  # fetches and collates a step's batches
             t0 = time.perf_counter()
             out = super().get_batch_samples(*a, **kw)
@@ -329,24 +328,7 @@ def make_trl_trainer(args: argparse.Namespace, cfg: Any, student_path: str, rows
             self.counts[1] += int((inputs["labels"][:, 1:] != -100).sum())
             return super().training_step(model, inputs, *rest, **kw)
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_: Any, **__: Any) -> None:
-            trainer.counts, trainer.teacher_seconds = [0, 0], 0.0
-            self.began = time.perf_counter()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            seconds = time.perf_counter() - self.began + trainer.fetch_seconds
-            trainer.steps.append(StepCounts(seconds, trainer.teacher_seconds, *trainer.counts))
-            trainer.fetch_seconds = 0.0
-
-        def on_log(self, *_: Any, logs: dict[str, float] | None = None, **__: Any) -> None:
-            if logs and "loss" in logs:
-                trainer.losses.append(logs["loss"])
-
-    def load(path: str) -> Any:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-
-    teacher = load(cfg.teacher.path)
+    teacher = common.load_model(cfg.teacher.path)
     began: list[float] = []
     teacher.register_forward_pre_hook(lambda *_: began.append(time.perf_counter()))
 
@@ -354,17 +336,7 @@ def make_trl_trainer(args: argparse.Namespace, cfg: Any, student_path: str, rows
         trainer.teacher_seconds += time.perf_counter() - began.pop()
 
     teacher.register_forward_hook(add_teacher_time)
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
-    trainer = CountingTrainer(
-        model=load(student_path),
-        teacher_model=teacher,
-        args=trl_config(args),
-        train_dataset=rows,
-        processing_class=tokenizer,
-        callbacks=[StepTimer()],
-    )
-    trainer.steps, trainer.losses, trainer.counts = [], [], [0, 0]
-    trainer.fetch_seconds = trainer.teacher_seconds = 0.0
+    trainer = CountingTrainer(student_path, teacher_model=teacher, args=trl_config(args), train_dataset=rows)
     return trainer
 
 
@@ -387,56 +359,26 @@ def run_trl(
     check = check_tokens(trainer, rows, seqs, 8)
     trainer.train()
     per_step_tokens = [s.real_tokens for s in trainer.steps]
-    result = summarise("TRL GKD", trainer.steps[WARMUP_STEPS:], trainer.losses)
-    del trainer
-    gc.collect()
-    return result, check, per_step_tokens
+    return summarise("TRL GKD", trainer.steps[WARMUP_STEPS:], trainer.losses), check, per_step_tokens
 
 
 # ---------------------------------------------------------------------------------------------------- main
-
-
-def report(results: list[Result]) -> None:
-    print(
-        f"{'trainer':<18} {'steps':>5} {'s/step':>7} {'teacher s':>9} {'rest s':>7} {'tokens/s':>9} "
-        f"{'loss tok/s':>10} {'loss 1st':>8} {'loss last':>9}"
-    )
-    for r in results:
-        print(
-            f"{r.trainer:<18} {r.steps_timed:>5} {r.median_step_s:>7.3f} {r.median_teacher_s:>9.3f} "
-            f"{r.median_rest_s:>7.3f} {r.tokens_per_s:>9.0f} {r.loss_tokens_per_s:>10.0f} "
-            f"{r.first_loss:>8.4f} {r.final_loss:>9.4f}"
-        )
-
-
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:
     args = parse_args()
     if args.posttrain_child:
         raise SystemExit(posttrain_child(args.posttrain_child))
-    import torch
-
     args.out.mkdir(parents=True, exist_ok=True)
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)  # TRL's threads; posttrain's learner and engine get the same
+    threads = common.use_all_cores()  # TRL's; posttrain's learner and engine get the same
     cfg, student, seqs = prepare(args)
-    load = {"before": load_avg()}
-    wall: dict[str, float] = {}
-    began = time.perf_counter()
-    trl, check, trl_tokens = run_trl(args, cfg, student, seqs)
-    wall["trl"] = time.perf_counter() - began
-    load["after TRL"] = load_avg()
-    began = time.perf_counter()
-    offline, capture, offline_tokens = run_posttrain(args, cfg, "offline")
-    wall["offline"] = time.perf_counter() - began
-    load["after offline"] = load_avg()
-    began = time.perf_counter()
-    online, _, online_tokens = run_posttrain(args, cfg, "online")
-    wall["online"] = time.perf_counter() - began
-    load["after online"] = load_avg()
+    log = common.RunLog()
+    trl, check, trl_tokens = log.run("trl", "after TRL", run_trl, args, cfg, student, seqs)
+    offline, capture, offline_tokens = log.run(
+        "offline", "after offline", run_posttrain, args, cfg, "offline"
+    )
+    online, _, online_tokens = log.run("online", "after online", run_posttrain, args, cfg, "online")
+    load, wall = log.load_avg, log.wall_seconds
 
     expected = [
         sum(len(s.token_ids) for s in seqs[i : i + args.global_batch])
@@ -480,7 +422,7 @@ def main() -> None:
         f"loss: forward KL token mean; posttrain's over the teacher's top-{args.top_k} + one tail bucket "
         f"(a lower bound of the full value), TRL's over the full vocabulary of {vocab}"
     )
-    report([offline, online, trl])
+    common.print_table(COLUMNS, FORMATS, [astuple(offline), astuple(online), astuple(trl)])
     print(
         f"ratio tokens/s: posttrain offline/TRL = {ratios['offline/TRL']:.2f}×, posttrain online/TRL = "
         f"{ratios['online/TRL']:.2f}×, offline/online = {ratios['offline/online']:.2f}×"
@@ -494,7 +436,7 @@ def main() -> None:
     for line in DIFFERENCES:
         print(f"  - {line}")
     summary = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": common.args_json(args),
         "teacher": cfg.teacher.path,
         "student": cfg.model.path,
         "vocab_size": vocab,
@@ -508,7 +450,7 @@ def main() -> None:
         "offline_amortised_tokens_per_s": amortised,
         "differences": DIFFERENCES,
     }
-    (args.out / "distill_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    common.write_json(args.out / "distill_bench.json", summary)
 
 
 if __name__ == "__main__":

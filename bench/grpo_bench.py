@@ -21,23 +21,19 @@ and per second, and the posttrain/TRL ratio; writes `OUT/grpo_bench.json`.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from trl_matched import BETAS, GRAD_CLIP, trl_optimizer_args  # bench/ is on sys.path when run
+import common  # bench/ is on sys.path when run
+from common import BETAS, GRAD_CLIP
 
 WARMUP_STEPS = 1
-TRAIN_ROWS = 4000  # the same task folder as bench/sft_bench.py (it is shared when both use one --out)
-TEST_ROWS = 1
 LR = 1e-4
 CLIP_EPS = 0.2  # PPO clip range, both sides
 CHECK_ROWS = 8  # prompts whose token ids are compared between the two pipelines
@@ -68,9 +64,9 @@ class Result:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=["tiny", "small"], default="small")
-    p.add_argument("--steps", type=int, default=6, help=f"RL steps per trainer ({WARMUP_STEPS} untimed)")
+    p = common.parser(__doc__)
+    common.add_size(p, "small")
+    common.add_steps(p, 6, WARMUP_STEPS, unit="RL steps")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--samples", type=int, default=8, help="completions per prompt (the GRPO group)")
     p.add_argument("--max-tokens", type=int, default=64, help="max new tokens per completion")
@@ -87,27 +83,10 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="posttrain generates step k+1 while step k trains (one step off-policy; TRL has no such mode)",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    args = p.parse_args()
-    if args.steps <= WARMUP_STEPS:
-        p.error(f"--steps must exceed the {WARMUP_STEPS} warm-up step(s)")
+    args = common.parse(p)
     if (args.prompts_per_step * args.samples) % args.micro_batch:
         p.error("--prompts-per-step × --samples must be a multiple of --micro-batch")
     return args
-
-
-def prepare(out: Path, size: Literal["tiny", "small"]) -> tuple[Path, Path]:
-    """The tiny model and the arithmetic task under `out`, built once (no downloads)."""
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
-    from posttrain.tiny import build_tiny_model
-
-    model, data = out / f"model-{size}", out / "arithmetic"
-    if not (model / "config.json").is_file():
-        build_tiny_model(model, "text", size)
-    if not data.is_dir():
-        write_task(data, TinyTask(name="arithmetic", train_size=TRAIN_ROWS, test_size=TEST_ROWS))
-    return model, data
 
 
 def summarise(trainer: str, steps: list[StepRecord]) -> Result:
@@ -137,8 +116,7 @@ def posttrain_config(args: argparse.Namespace, model: Path, data: Path) -> Any:
     return validate(
         "rl",
         {
-            "output_dir": str(args.out / f"posttrain-grpo-{args.size}"),
-            "model": {"path": str(model), "dtype": "float32", "attn_implementation": "sdpa"},
+            **common.posttrain_settings(args.out / f"posttrain-grpo-{args.size}", model, cpus),
             "data": {
                 "prompts": [{"path": str(data), "split": "train", "thinking": "thinking"}],
                 "max_prompt_length": 64,
@@ -180,10 +158,8 @@ def posttrain_config(args: argparse.Namespace, model: Path, data: Path) -> Any:
                 "weight_decay": 0.0,
                 "grad_clip": GRAD_CLIP,
             },
-            "learners": {"num_learners": 1, "zero_stage": 0, "device": "cpu", "cpus_per_learner": cpus},
             # Nothing is saved in between; the driver still saves and exports once after the last step.
             "checkpoint": {"every_steps": None, "resume": "never"},
-            "logging": {"progress": False},
         },
     )
 
@@ -201,12 +177,7 @@ def run_posttrain(args: argparse.Namespace, model: Path, data: Path) -> Result:
     )
     dump_config(cfg, config_file)
     # A child process: Ray and its daemons start only now and never share this process with TRL.
-    with log.open("w") as f:
-        cmd = [sys.executable, "-m", "posttrain", "rl", str(config_file)]
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if done.returncode:
-        tail = log.read_text().splitlines()[-40:]
-        sys.exit(f"posttrain rl failed ({done.returncode}); last lines of {log}:\n" + "\n".join(tail))
+    common.run_logged([sys.executable, "-m", "posttrain", "rl", str(config_file)], log, "posttrain rl")
     records = [r for r in read_metrics(out / "metrics.jsonl") if "time/step" in r]
     n = args.prompts_per_step * args.samples
     steps = []
@@ -249,8 +220,7 @@ def trl_config(args: argparse.Namespace) -> Any:
 
     per_step = args.prompts_per_step * args.samples
     return GRPOConfig(
-        output_dir=str(args.out / f"trl-grpo-{args.size}"),
-        max_steps=args.steps,
+        **common.trl_args(args.out / f"trl-grpo-{args.size}", args.steps, LR),
         per_device_train_batch_size=args.micro_batch,  # completions per forward/backward
         gradient_accumulation_steps=per_step // args.micro_batch,  # one optimizer step per generation batch
         num_generations=args.samples,
@@ -265,28 +235,27 @@ def trl_config(args: argparse.Namespace) -> Any:
         loss_type="grpo",  # token mean per sequence, then mean over sequences (posttrain's grpo aggregation)
         scale_rewards="group",  # (r - group mean) / group std, as posttrain's grpo advantage
         mask_truncated_completions=False,
-        **trl_optimizer_args(LR),
         chat_template_kwargs={"enable_thinking": True},  # posttrain's `thinking: thinking` rendering
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=1,
         log_completions=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
     )
 
 
 def make_trl_trainer(args: argparse.Namespace, model_dir: Path, rows: Any) -> Any:
     """A GRPOTrainer whose RL steps are timed, with its generation, reward and preparation phases."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
-    class TimedTrainer(GRPOTrainer):
+    class TimedTrainer(common.timed_trainer(GRPOTrainer)):
         current: dict[str, float]  # this step's phase seconds, tokens and mean reward
-        records: list[StepRecord]
+
+        def step_began(self) -> None:
+            self.current = {}
+
+        def step_record(self, seconds: float) -> StepRecord:
+            c = self.current
+            phases = {"generate": c.get("generate", 0.0), "reward": c.get("reward", 0.0), "sync": 0.0}
+            phases["train"] = seconds - c.get("prepare", 0.0)  # forward, backward and optimizer
+            phases["other"] = c.get("prepare", 0.0) - phases["generate"] - phases["reward"]
+            return StepRecord(seconds, phases, int(c.get("tokens", 0)), c.get("reward_mean", 0.0))
 
         def _timed(self, phase: str, fn: Any, *a: Any, **kw: Any) -> Any:
             t0 = time.perf_counter()
@@ -307,33 +276,7 @@ def make_trl_trainer(args: argparse.Namespace, model_dir: Path, rows: Any) -> An
         def _generate_and_score_completions(self, *a: Any, **kw: Any) -> Any:
             return self._timed("prepare", super()._generate_and_score_completions, *a, **kw)
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_: Any, **__: Any) -> None:
-            trainer.current = {}
-            self.began = time.perf_counter()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            seconds = time.perf_counter() - self.began
-            c = trainer.current
-            phases = {"generate": c.get("generate", 0.0), "reward": c.get("reward", 0.0), "sync": 0.0}
-            phases["train"] = seconds - c.get("prepare", 0.0)  # forward, backward and optimizer
-            phases["other"] = c.get("prepare", 0.0) - phases["generate"] - phases["reward"]
-            trainer.records.append(
-                StepRecord(seconds, phases, int(c.get("tokens", 0)), c.get("reward_mean", 0.0))
-            )
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    trainer = TimedTrainer(
-        model=model,
-        reward_funcs=exact_match,
-        args=trl_config(args),
-        train_dataset=rows,
-        processing_class=tokenizer,
-        callbacks=[StepTimer()],
-    )
-    trainer.records, trainer.current = [], {}
-    return trainer
+    return TimedTrainer(model_dir, reward_funcs=exact_match, args=trl_config(args), train_dataset=rows)
 
 
 def check_prompts(trainer: Any, rows: Any, model: Path, data: Path) -> dict[str, Any]:
@@ -362,48 +305,38 @@ def run_trl(args: argparse.Namespace, model: Path, data: Path) -> tuple[Result, 
     trainer = make_trl_trainer(args, model, rows)
     check = check_prompts(trainer, rows, model, data)
     trainer.train()
-    result = summarise("TRL", trainer.records[WARMUP_STEPS:])
-    del trainer
-    gc.collect()
-    return result, check
+    return summarise("TRL", trainer.steps[WARMUP_STEPS:]), check
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def report(results: list[Result], ratio: float) -> None:
-    head = f"{'trainer':<10} {'steps':>5} {'s/step':>7} " + " ".join(f"{p:>8}" for p in PHASES)
-    print(head + f" {'tok/step':>8} {'tok/s':>6} {'gen tok/s':>9} {'reward':>6}")
-    for r in results:
-        phases = " ".join(f"{r.median_phase_s[p]:>8.3f}" for p in PHASES)
-        print(
-            f"{r.trainer:<10} {r.steps_timed:>5} {r.median_step_s:>7.3f} {phases} {r.tokens_per_step:>8.0f} "
-            f"{r.tokens_per_s:>6.0f} {r.generate_tokens_per_s:>9.0f} {r.reward_mean:>6.3f}"
-        )
-    print(f"ratio posttrain/TRL seconds per step = {ratio:.3f}× (goal ≤ 0.5×)")
+COLUMNS = ("trainer", "steps", "s/step", *PHASES, "tok/step", "tok/s", "gen tok/s", "reward")
+FORMATS = ("<10", ">5", ">7.3f", *[">8.3f"] * len(PHASES), ">8.0f", ">6.0f", ">9.0f", ">6.3f")
 
 
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
+def table_row(r: Result) -> list[Any]:
+    return [
+        r.trainer,
+        r.steps_timed,
+        r.median_step_s,
+        *(r.median_phase_s[p] for p in PHASES),
+        r.tokens_per_step,
+        r.tokens_per_s,
+        r.generate_tokens_per_s,
+        r.reward_mean,
+    ]
 
 
 def main() -> None:
-    import torch
-
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)  # TRL's threads
-    model, data = prepare(args.out, args.size)
-    load = {"before": load_avg()}
-    began = time.perf_counter()
-    trl, check = run_trl(args, model, data)
-    trl_wall = time.perf_counter() - began
-    load["between"] = load_avg()
-    began = time.perf_counter()
-    ours = run_posttrain(args, model, data)
-    posttrain_wall = time.perf_counter() - began
-    load["after"] = load_avg()
+    threads = common.use_all_cores()  # TRL's
+    model, data = common.tiny_model(args.out, args.size), common.arithmetic_task(args.out)
+    log = common.RunLog()
+    trl, check = log.run("trl", "between", run_trl, args, model, data)
+    ours = log.run("posttrain", "after", run_posttrain, args, model, data)
+    load, wall = log.load_avg, log.wall_seconds
     ratio = ours.median_step_s / trl.median_step_s
 
     n = args.prompts_per_step * args.samples
@@ -418,20 +351,21 @@ def main() -> None:
     print(
         f"prompt check ({check['rows']} rows): ids equal {check['ids_equal']}; stop ids posttrain "
         f"{check['posttrain_stop_ids']}, TRL {check['trl_eos_ids']}; wall time incl. start-up: "
-        f"TRL {trl_wall:.0f} s, posttrain {posttrain_wall:.0f} s"
+        f"TRL {wall['trl']:.0f} s, posttrain {wall['posttrain']:.0f} s"
     )
     print("phases: median seconds per step; tok/s: generated tokens / step time; gen tok/s: / generate time")
-    report([ours, trl], ratio)
+    common.print_table(COLUMNS, FORMATS, [table_row(ours), table_row(trl)])
+    print(f"ratio posttrain/TRL seconds per step = {ratio:.3f}× (goal ≤ 0.5×)")
     summary = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": common.args_json(args),
         "threads": threads,
         "load_avg": load,
-        "wall_seconds": {"trl": trl_wall, "posttrain": posttrain_wall},
+        "wall_seconds": wall,
         "prompt_check": check,
         "results": [asdict(ours), asdict(trl)],
         "ratio_seconds_per_step": ratio,
     }
-    (args.out / "grpo_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    common.write_json(args.out / "grpo_bench.json", summary)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+import common  # bench/ is on sys.path when run; functions that run in Ray actors must not use it
 
 MEMCPY_MB = 256
 MEMCPY_REPEATS = 7
@@ -37,8 +39,8 @@ PROBE_EXTRA_TOKENS = 32  # the probe: the first prompt plus this many sampled to
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    p = common.parser(__doc__)
+    common.add_size(p, "tiny")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -51,28 +53,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs and threads per actor")
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    args = p.parse_args()
+    args = common.parse(p)
     if args.repeats < 1 or args.sync_repeats < 1:
         p.error("--repeats and --sync-repeats must be at least 1")
     return args
 
 
-def load_1m() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
-
-
-def prepare(out: Path, size: Literal["tiny", "small"]) -> Path:
-    from posttrain.tiny import build_tiny_model
-
-    model = out / f"model-{size}"
-    if not (model / "config.json").is_file():
-        build_tiny_model(model, "text", size)
-    return model
 
 
 def prompt_ids(model: Path, count: int) -> list[list[int]]:
@@ -228,12 +216,12 @@ def bench_generation(
             if timed:
                 times["posttrain"].append(seconds)
 
-        load = [load_1m()]
+        load = [common.load_1m()]
         for rep in range(args.repeats + 1):  # rep 0: warm-up; the order alternates so drift hits both
             order = [run_bare, run_posttrain] if rep % 2 == 0 else [run_posttrain, run_bare]
             for fn in order:
                 fn(rep > 0)
-            load.append(load_1m())
+            load.append(common.load_1m())
             print(
                 f"  generation repeat {rep}{' (warm-up)' if rep == 0 else ''}: bare "
                 f"{times['bare'][-1] if rep else float('nan'):.2f} s, posttrain "
@@ -305,16 +293,8 @@ def learner_config(args: argparse.Namespace, model: Path) -> Any:
     return validate(
         "sft",
         {
-            "output_dir": str(args.out / f"rollout-learner-{args.size}"),
-            "model": {"path": str(model), "dtype": "float32"},
+            **common.posttrain_settings(args.out / f"rollout-learner-{args.size}", model, args.threads),
             "data": {"train": [{"path": str(args.out / "arithmetic")}]},  # not read: no training here
-            "learners": {
-                "num_learners": 1,
-                "zero_stage": 0,
-                "device": "cpu",
-                "cpus_per_learner": args.threads,
-            },
-            "logging": {"progress": False},
         },
     )
 
@@ -407,11 +387,11 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
 
     memcpy = memcpy_bandwidth(args.threads)
     print(
-        f"  memcpy {memcpy['copy_gb_s']:.2f} GB/s, clone {memcpy['clone_gb_s']:.2f} GB/s, load {load_1m()}",
+        f"  memcpy {memcpy['copy_gb_s']:.2f} GB/s, clone {memcpy['clone_gb_s']:.2f} GB/s, load {common.load_1m()}",
         flush=True,
     )
     learners = runs.start_learners(learner_config(args, model), str(model), False, total_steps=1)
-    load = [load_1m()]
+    load = [common.load_1m()]
     version = 0
     variants: dict[str, dict[str, Any]] = {}
     try:
@@ -444,7 +424,7 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
                 "ratio_to_memcpy": nbytes / s / 1e9 / memcpy["copy_gb_s"],
                 "probe_max_abs": reports[0].get("probe_max_abs"),
             }
-            load.append(load_1m())
+            load.append(common.load_1m())
             print(f"  {name}: median {s * 1e3:.1f} ms, load {load[-1]}", flush=True)
 
         # Phases of one sync+probe, by an instrumented replica of the same steps.
@@ -468,7 +448,7 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
             if rep:
                 rows.append(row)
         phases = {k: median([r[k] for r in rows]) for k in rows[0]}
-        load.append(load_1m())
+        load.append(common.load_1m())
     finally:
         learners.shutdown()
     return {
@@ -491,14 +471,16 @@ def report_generation(g: dict[str, Any], args: argparse.Namespace) -> None:
         f"{args.max_tokens} tokens, ignore_eos {args.ignore_eos}; vLLM configs equal {g['configs_equal']}, "
         f"token ids equal {g['token_ids_equal']}"
     )
-    print(f"{'side':<40} {'median s':>9} {'tokens':>7} {'tokens/s':>9}")
-    for key, label in (
+    sides = (
         ("bare", "bare vllm.LLM.generate (timed in actor)"),
         ("bare_roundtrip", "  (same call, timed here: + Ray)"),
         ("posttrain", "posttrain RolloutGroup.generate"),
-    ):
-        r = g[key]
-        print(f"{label:<40} {r['median_s']:>9.3f} {r['tokens']:>7} {r['tokens_per_s']:>9.0f}")
+    )
+    common.print_table(
+        ("side", "median s", "tokens", "tokens/s"),
+        ("<40", ">9.3f", ">7", ">9.0f"),
+        [(label, g[key]["median_s"], g[key]["tokens"], g[key]["tokens_per_s"]) for key, label in sides],
+    )
     per = ", ".join(f"{r:.3f}" for r in g["ratio_per_repeat"])
     print(f"ratio posttrain/bare tokens/s = {g['ratio_tokens_per_s']:.3f}× (goal ≥ 0.95×); per repeat {per}")
 
@@ -510,9 +492,11 @@ def report_sync(s: dict[str, Any]) -> None:
         f"\nWeight sync: {first['bytes'] / 1e6:.1f} MB in {first['tensors']} tensors, bucket {s['bucket_mb']} MB, "
         f"probe {s['probe_tokens']} tokens; memcpy (copy_) {m['copy_gb_s']:.2f} GB/s, clone {m['clone_gb_s']:.2f} GB/s"
     )
-    print(f"{'variant':<14} {'median ms':>10} {'GB/s':>7} {'/memcpy':>8}")
-    for name, v in s["variants"].items():
-        print(f"{name:<14} {v['median_s'] * 1e3:>10.1f} {v['gb_s']:>7.3f} {v['ratio_to_memcpy']:>8.1%}")
+    common.print_table(
+        ("variant", "median ms", "GB/s", "/memcpy"),
+        ("<14", ">10.1f", ">7.3f", ">8.1%"),
+        [(name, v["median_s"] * 1e3, v["gb_s"], v["ratio_to_memcpy"]) for name, v in s["variants"].items()],
+    )
     print("phases of one sync+probe (instrumented replica, medians):")
     for k, v in s["phases_sync_probe"].items():
         print(f"  {k:<24} {v * 1e3:>9.1f} ms")
@@ -524,9 +508,9 @@ def main() -> None:
     from posttrain.rollout import RolloutGroup, RolloutRequest
     from posttrain.workers import init_ray
 
-    model = prepare(args.out, args.size)
+    model = common.tiny_model(args.out, args.size)
     prompts = prompt_ids(model, args.prompts)
-    load = {"before": load_1m()}
+    load = {"before": common.load_1m()}
     init_ray(None, num_cpus=3 * args.threads)  # bare engine, posttrain engine, learner: one at a time busy
     engines = RolloutGroup(
         str(model),
@@ -537,7 +521,7 @@ def main() -> None:
         max_model_len=args.max_model_len,
     )
     summary: dict[str, Any] = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": common.args_json(args),
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
     }
@@ -550,7 +534,7 @@ def main() -> None:
             summary["sync"] = bench_sync(args, model, engines, prompts[0] + sampled)
     finally:
         engines.shutdown()
-    load["after"] = load_1m()
+    load["after"] = common.load_1m()
     summary["load_avg_1m"] = load
 
     print(
@@ -567,7 +551,7 @@ def main() -> None:
     except (OSError, ValueError):
         results = {}
     results[args.size] = summary
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    common.write_json(path, results)
 
 
 if __name__ == "__main__":

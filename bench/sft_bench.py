@@ -15,26 +15,24 @@ Prints a table and the posttrain/TRL ratio, and writes `OUT/sft_bench.json`.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
 import shutil
 import statistics
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
+import common  # bench/ is on sys.path when run
+from common import BETAS, GRAD_CLIP
+
 WARMUP_STEPS = 2
-TRAIN_ROWS = 4000  # ≈ 1300 packed rows of 256 tokens: more than the default run consumes
 LR = 1e-3
-BETAS = (0.9, 0.95)  # posttrain's default; TRL's adam_beta2 is set to match
-GRAD_CLIP = 1.0
 CHECK_ROWS = 8  # rows whose token ids and labels are compared between the two pipelines
 
 
 @dataclass
 class Result:
+    """One trainer's figures, in the order of the table's columns."""
+
     trainer: str
     steps_timed: int
     median_step_s: float
@@ -42,6 +40,10 @@ class Result:
     loss_tokens_per_s: float
     padding_fraction: float
     final_loss: float
+
+
+COLUMNS = ("trainer", "steps", "median s", "tokens/s", "loss tok/s", "padding", "loss")
+FORMATS = ("<10", ">5", ">9.3f", ">9.0f", ">10.0f", ">8.1%", ">7.4f")
 
 
 @dataclass
@@ -55,36 +57,13 @@ class StepCounts:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=["tiny", "small"], default="tiny")
-    p.add_argument(
-        "--steps", type=int, default=20, help=f"optimizer steps per trainer ({WARMUP_STEPS} untimed)"
-    )
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--micro-batch", type=int, default=32)
+    p = common.parser(__doc__)
+    common.add_size(p, "tiny")
+    common.add_steps(p, 20, WARMUP_STEPS)
+    common.add_batches(p, 32)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    args = p.parse_args()
-    if args.steps <= WARMUP_STEPS:
-        p.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
-    if args.global_batch % args.micro_batch:
-        p.error("--global-batch must be a multiple of --micro-batch")
-    return args
-
-
-def prepare(out: Path, size: str) -> tuple[Path, Path]:
-    """The tiny model and the arithmetic task under `out`, built once."""
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
-    from posttrain.tiny import build_tiny_model
-
-    model, data = out / f"model-{size}", out / "arithmetic"
-    if not (model / "config.json").is_file():
-        build_tiny_model(model, "text", size)
-    if not data.is_dir():
-        write_task(data, TinyTask(name="arithmetic", train_size=TRAIN_ROWS, test_size=1))
-    return model, data
+    return common.parse(p)
 
 
 def summarise(trainer: str, steps: list[StepCounts], final_loss: float) -> Result:
@@ -110,8 +89,7 @@ def posttrain_config(args: argparse.Namespace, model: Path, data: Path, threads:
     return validate(
         "sft",
         {
-            "output_dir": str(args.out / f"posttrain-{args.size}"),
-            "model": {"path": str(model), "dtype": "float32", "attn_implementation": "sdpa"},
+            **common.posttrain_settings(args.out / f"posttrain-{args.size}", model, threads),
             "data": {
                 "train": [{"path": str(data), "split": "train", "thinking": "thinking"}],
                 "max_length": args.max_length,
@@ -128,10 +106,8 @@ def posttrain_config(args: argparse.Namespace, model: Path, data: Path, threads:
                 "weight_decay": 0.0,
                 "grad_clip": GRAD_CLIP,
             },
-            "learners": {"num_learners": 1, "zero_stage": 0, "device": "cpu", "cpus_per_learner": threads},
             # The driver always saves and exports at the end; nothing is saved in between.
             "checkpoint": {"every_steps": 10**9, "keep_last": 1, "resume": "never"},
-            "logging": {"progress": False},
         },
     )
 
@@ -169,42 +145,29 @@ def trl_config(args: argparse.Namespace) -> Any:
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=str(args.out / f"trl-{args.size}"),
-        max_steps=args.steps,
+        **common.trl_args(args.out / f"trl-{args.size}", args.steps, LR),
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.global_batch // args.micro_batch,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch",  # TRL's default is the fused AdamW; posttrain uses the plain torch one
-        adam_beta1=BETAS[0],
-        adam_beta2=BETAS[1],
-        weight_decay=0.0,
-        max_grad_norm=GRAD_CLIP,
-        bf16=False,
-        gradient_checkpointing=False,  # TRL turns it on by default; posttrain's default is off
-        use_cpu=True,
         max_length=args.max_length,
         packing=args.packing,
         packing_strategy="bfd",  # best-fit decreasing with sample boundaries kept, like posttrain's packing
         assistant_only_loss=True,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
     )
 
 
 def make_trl_trainer(args: argparse.Namespace, model_dir: Path, rows: Any) -> Any:
     """An SFTTrainer whose optimizer steps are timed and whose batches are counted."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTTrainer
 
-    class CountingTrainer(SFTTrainer):
+    class CountingTrainer(common.timed_trainer(SFTTrainer)):
+        counts: list[int]  # this step's real tokens, positions and loss tokens
+
+        def step_began(self) -> None:
+            self.counts = [0, 0, 0]
+
+        def step_record(self, seconds: float) -> StepCounts:
+            return StepCounts(seconds, *self.counts)
+
         def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
             ids = inputs["input_ids"]
             # Padding-free batches (bfd packing) are one flat row without pads; others carry attention_mask.
@@ -214,29 +177,7 @@ def make_trl_trainer(args: argparse.Namespace, model_dir: Path, rows: Any) -> An
             self.counts[2] += int((inputs["labels"][:, 1:] != -100).sum())
             return super().training_step(model, inputs, *rest, **kw)
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_: Any, **__: Any) -> None:
-            trainer.counts = [0, 0, 0]
-            self.began = time.perf_counter()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            trainer.steps.append(StepCounts(time.perf_counter() - self.began, *trainer.counts))
-
-        def on_log(self, *_: Any, logs: dict[str, float] | None = None, **__: Any) -> None:
-            if logs and "loss" in logs:
-                trainer.losses.append(logs["loss"])
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    trainer = CountingTrainer(
-        model=model,
-        args=trl_config(args),
-        train_dataset=rows,
-        processing_class=tokenizer,
-        callbacks=[StepTimer()],
-    )
-    trainer.steps, trainer.losses, trainer.counts = [], [], [0, 0, 0]
-    return trainer
+    return CountingTrainer(model_dir, args=trl_config(args), train_dataset=rows)
 
 
 def check_tokens(trainer: Any, rows: Any, data: Path, max_length: int) -> dict[str, Any]:
@@ -271,44 +212,21 @@ def run_trl(args: argparse.Namespace, model: Path, data: Path) -> tuple[Result, 
     trainer = make_trl_trainer(args, model, rows)
     check = check_tokens(trainer, rows, data, args.max_length)
     trainer.train()
-    result = summarise("TRL", trainer.steps[WARMUP_STEPS:], trainer.losses[-1])
-    del trainer
-    gc.collect()
-    return result, check
+    return summarise("TRL", trainer.steps[WARMUP_STEPS:], trainer.losses[-1]), check
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def report(results: list[Result], ratio: float) -> None:
-    print(
-        f"{'trainer':<10} {'steps':>5} {'median s':>9} {'tokens/s':>9} {'loss tok/s':>10} {'padding':>8} {'loss':>7}"
-    )
-    for r in results:
-        print(
-            f"{r.trainer:<10} {r.steps_timed:>5} {r.median_step_s:>9.3f} {r.tokens_per_s:>9.0f} "
-            f"{r.loss_tokens_per_s:>10.0f} {r.padding_fraction:>8.1%} {r.final_loss:>7.4f}"
-        )
-    print(f"ratio posttrain/TRL tokens/s = {ratio:.2f}×")
-
-
-def load_1m() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def main() -> None:
-    import torch
-
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)  # TRL's threads; posttrain's learner sets the same from cpus_per_learner
-    model, data = prepare(args.out, args.size)
-    load = {"before": load_1m()}
-    trl, check = run_trl(args, model, data)
-    load["between"] = load_1m()
-    ours = run_posttrain(args, model, data, threads)
-    load["after"] = load_1m()
+    threads = common.use_all_cores()  # TRL's; posttrain's learner sets the same from cpus_per_learner
+    model, data = common.tiny_model(args.out, args.size), common.arithmetic_task(args.out)
+    log = common.RunLog(common.load_1m)
+    trl, check = log.run("trl", "between", run_trl, args, model, data)
+    ours = log.run("posttrain", "after", run_posttrain, args, model, data, threads)
+    load = log.load_avg
     ratio = ours.tokens_per_s / trl.tokens_per_s
 
     print(
@@ -321,16 +239,18 @@ def main() -> None:
         f"token check ({check['rows']} rows): ids equal {check['ids_equal']}, labels equal "
         f"{check['labels_equal']}, TRL's extra trailing tokens per sample (no loss): {check['trl_extra_tokens']}"
     )
-    report([ours, trl], ratio)
+    common.print_table(COLUMNS, FORMATS, [astuple(ours), astuple(trl)])
+    print(f"ratio posttrain/TRL tokens/s = {ratio:.2f}×")
     summary = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": common.args_json(args),
         "threads": threads,
         "load_avg_1m": load,
+        "wall_seconds": log.wall_seconds,
         "token_check": check,
         "results": [asdict(ours), asdict(trl)],
         "ratio_tokens_per_s": ratio,
     }
-    (args.out / "sft_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    common.write_json(args.out / "sft_bench.json", summary)
 
 
 if __name__ == "__main__":
