@@ -183,12 +183,12 @@ def distill_config(args: argparse.Namespace) -> Any:
 def prepare(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     """The config (offline), the student and the training sequences in the order every trainer reads them;
     builds the tiny student, the data and (by its own SFT run, in a child process) a missing teacher."""
-    from posttrain import runs
     from posttrain.data.processing import load_processing
-    from posttrain.distill.driver import Student, ordered_sequences
+    from posttrain.distill.teacher import Student, ordered_sequences
+    from posttrain.stage import prepare_inputs
 
     cfg = distill_config(args)
-    path = runs.prepare_inputs(cfg.model, list(cfg.data.train))
+    path = prepare_inputs(cfg.model, list(cfg.data.train))
     student = Student(path, *load_processing(path, cfg.model.trust_remote_code))
     teacher = cfg.teacher
     if not Path(teacher.path).exists():

@@ -300,9 +300,8 @@ def learner_config(args: argparse.Namespace, model: Path) -> Any:
 
 
 def learner_phases(learner: Any, bucket_mb: float) -> tuple[dict[str, float], list[Any], Any]:
-    """Inside the learner: what `learner_weight_buckets` does, one step at a time."""
-    from posttrain.rollout import SyncManifest, module_state_buckets
-    from posttrain.rollout.weight_sync import put_bucket
+    """Inside the learner: what `Learner.weight_buckets` does, one step at a time."""
+    from posttrain.weights import SyncManifest, module_state_buckets, put_bucket
 
     t0 = time.perf_counter()
     buckets = list(module_state_buckets(learner.engine.module, bucket_mb, gather=False, copy=False))
@@ -326,8 +325,7 @@ def _timed_reload(worker: Any, refs: list[Any]) -> tuple[dict[str, float], dict[
     the rest of `reload_weights` is vLLM's."""
     import ray
 
-    from posttrain.rollout import tensor_checksum
-    from posttrain.rollout.weight_sync import unpack_bucket
+    from posttrain.weights import tensor_checksum, unpack_bucket
 
     seen: dict[str, float] = {}
     clock = {"fetch": 0.0, "checksum": 0.0}
@@ -382,7 +380,7 @@ def engine_phases(engine: Any, refs: list[Any], manifest: Any, probe: Any) -> di
 
 
 def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: list[int]) -> dict[str, Any]:
-    from posttrain import runs
+    from posttrain.groups import LearnerGroup
     from posttrain.rollout import learner_probe, stream_sync_from_learners, sync_from_learners
 
     memcpy = memcpy_bandwidth(args.threads)
@@ -390,7 +388,7 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
         f"  memcpy {memcpy['copy_gb_s']:.2f} GB/s, clone {memcpy['clone_gb_s']:.2f} GB/s, load {common.load_1m()}",
         flush=True,
     )
-    learners = runs.start_learners(learner_config(args, model), str(model), False, total_steps=1)
+    learners = LearnerGroup(learner_config(args, model), str(model), False, total_steps=1)
     load = [common.load_1m()]
     version = 0
     variants: dict[str, dict[str, Any]] = {}
@@ -431,7 +429,7 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
         rows: list[dict[str, float]] = []
         for rep in range(args.sync_repeats + 1):
             t0 = time.perf_counter()
-            learner_side, refs, manifest = learners.run(learner_phases, args.bucket_mb)[0]
+            learner_side, refs, manifest = learners.workers.run(learner_phases, args.bucket_mb)[0]
             t1 = time.perf_counter()
             probe = learner_probe(learners, probe_ids)
             t2 = time.perf_counter()

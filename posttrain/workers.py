@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from posttrain.config import ConfigError
@@ -194,6 +194,11 @@ class WorkerGroup:
         assert len(per_rank_args) == len(self.actors)
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args, strict=True)]
         return self.gather(refs)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run a module-level function `fn(actor_instance, *args)` inside every actor (benchmarks time
+        the phases of a call this way)."""
+        return self.gather([a.__ray_call__.remote(fn, *args) for a in self.actors])
 
     def gather(self, refs: list[Any]) -> list[Any]:
         import ray
