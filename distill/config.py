@@ -18,7 +18,7 @@ from posttrain.config import (
     TrainingStage,
 )
 from posttrain.rewards.config import RewardsConfig
-from posttrain.rollout.config import RolloutConfig
+from posttrain.rollout.config import RolloutConfig, SamplingConfig
 
 MAX_TOP_K = 20
 """vLLM's `max_logprobs` as the rollout engines start it: the most top-k entries a teacher reports."""
@@ -120,22 +120,15 @@ class StudentRollout(RolloutConfig):
     """Responses per prompt."""
 
 
-class OffPolicyConfig(Strict):
-    """Teacher generations written as a `messages` dataset the SFT stage trains on."""
+class OffPolicyConfig(SamplingConfig):
+    """Teacher generations written as a `messages` dataset the SFT stage trains on (each kept response a
+    row; responses cut at `max_tokens` are dropped)."""
 
-    samples_per_prompt: int = Field(1, ge=1)
-    """Teacher responses per prompt (each kept one becomes a row)."""
-    max_tokens: int = Field(256, ge=1)
-    """Response length limit; responses cut at it are dropped."""
     temperature: float = Field(0.0, ge=0)
     """Sampling temperature (0: greedy)."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling."""
     modes: list[Literal["thinking", "non_thinking", "dataset"]] = ["dataset"]
     """Chat modes each prompt is rendered in: `dataset` keeps the prompt's own (its spec's `thinking`);
     list `thinking` and `non_thinking` to get both variants of every prompt."""
-    thinking_budget: int | None = Field(None, ge=1)
-    """Close the teacher's think block after this many tokens."""
     rewards: RewardsConfig | None = None
     """A verifiable reward; responses scoring below `min_reward` (or invalid) are left out."""
     min_reward: float = 1.0

@@ -25,8 +25,8 @@ from posttrain.stage import StageRun, prepare_inputs
 
 
 def run(cfg: DistillConfig) -> Path:
-    """Run the configured mode; return the exported `final/` folder (off_policy: the written dataset, or
-    the SFT run's `final/` when `off_policy.then_sft` is set)."""
+    """Run the configured mode; return the exported `final/` folder (off_policy: the written dataset,
+    which `off_policy.then_sft` trains on next, see posttrain.pipeline.stages)."""
     with StageRun(cfg) as run:
         path = prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
         student = Student(path, *load_processing(path, cfg.model.trust_remote_code))

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from posttrain.distill.config import LossConfig
 from posttrain.distill.losses import divergence, reverse_kl_sampled
 from posttrain.losses import next_token_logprobs
-from posttrain.objectives import Norms
+from posttrain.objectives import Loss, Norms, Tensors
 
 
 @dataclass(frozen=True)
@@ -26,42 +27,30 @@ class DistillObjective:
 
     loss: LossConfig
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        norms: Norms,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return distill_objective(logits, input_ids, batch, norms, self.loss)
-
-
-def distill_objective(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    batch: dict[str, torch.Tensor],
-    norms: Norms,
-    loss_cfg: LossConfig,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss contribution of this micro-batch, summed statistics). `norms.tokens`: the target tokens
-    of the whole optimizer step, so summing every micro-batch's and rank's contribution gives the global
-    token mean however the batch is split."""
-    mask = batch["loss_mask"].to(torch.float32)
-    student = logits[:, :-1]
-    logp = next_token_logprobs(logits, input_ids)
-    sampled = loss_cfg.estimator == "sampled"
-    if sampled:  # one entry per position: the token itself and the teacher's logprob of it
-        teacher_logp = torch.where(mask > 0, batch["topk_logp"][..., 0].float(), 0.0)
-        per_token = reverse_kl_sampled(logp, teacher_logp)
-    else:
-        teacher = (batch["topk_ids"], batch["topk_logp"])
-        per_token = divergence(loss_cfg.type, student, teacher, beta=loss_cfg.beta)
-    stats = {"divergence_sum": (per_token.detach() * mask).sum(), "nll_sum": -(logp.detach() * mask).sum()}
-    if not sampled:  # how much of the teacher's mass the top-k hold
-        covered = torch.logsumexp(batch["topk_logp"].float(), dim=-1).exp().clamp(max=1.0)
-        stats["teacher_topk_mass_sum"] = (covered * mask).sum()
-    if loss_cfg.nll_weight:
-        per_token = per_token - loss_cfg.nll_weight * logp
-    stats["tokens"] = mask.sum()
-    loss = (per_token * mask).sum() / norms.tokens  # the token mean over the whole step
-    return loss, {k: v.detach() for k, v in stats.items()}
+    def __call__(self, logits: Tensor, input_ids: Tensor, batch: Tensors, norms: Norms) -> Loss:
+        """(loss contribution of this micro-batch, summed statistics). `norms.tokens`: the target tokens
+        of the whole optimizer step, so summing every micro-batch's and rank's contribution gives the global
+        token mean however the batch is split."""
+        loss_cfg = self.loss
+        mask = batch["loss_mask"].to(torch.float32)
+        student = logits[:, :-1]
+        logp = next_token_logprobs(logits, input_ids)
+        sampled = loss_cfg.estimator == "sampled"
+        if sampled:  # one entry per position: the token itself and the teacher's logprob of it
+            teacher_logp = torch.where(mask > 0, batch["topk_logp"][..., 0].float(), 0.0)
+            per_token = reverse_kl_sampled(logp, teacher_logp)
+        else:
+            teacher = (batch["topk_ids"], batch["topk_logp"])
+            per_token = divergence(loss_cfg.type, student, teacher, beta=loss_cfg.beta)
+        stats = {
+            "divergence_sum": (per_token.detach() * mask).sum(),
+            "nll_sum": -(logp.detach() * mask).sum(),
+        }
+        if not sampled:  # how much of the teacher's mass the top-k hold
+            covered = torch.logsumexp(batch["topk_logp"].float(), dim=-1).exp().clamp(max=1.0)
+            stats["teacher_topk_mass_sum"] = (covered * mask).sum()
+        if loss_cfg.nll_weight:
+            per_token = per_token - loss_cfg.nll_weight * logp
+        stats["tokens"] = mask.sum()
+        loss = (per_token * mask).sum() / norms.tokens  # the token mean over the whole step
+        return loss, {k: v.detach() for k, v in stats.items()}

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.checkpoint import publish_file
-from posttrain.config import load_config
 from posttrain.data.chat import chat_messages, render
 from posttrain.data.errors import DataError
 from posttrain.data.rows import NO_NEEDS, load_samples, split_reasoning
@@ -27,7 +26,7 @@ from posttrain.distill.config import DistillConfig
 from posttrain.distill.teacher import Student, start_teacher
 from posttrain.rewards.registry import required_columns
 from posttrain.rewards.runtime import RewardRuntime
-from posttrain.rollout.engine import RolloutRequest
+from posttrain.rollout.engine import sampled_request
 
 log = logging.getLogger("posttrain.distill")
 
@@ -62,23 +61,13 @@ def build_teacher_prompts(cfg: DistillConfig, tokenizer: Any) -> list[TeacherPro
 
 
 def run_off_policy(cfg: DistillConfig, out: Path, student: Student, teacher_path: str) -> Path:
-    """Generate, filter and write the dataset; then run `off_policy.then_sft` on it when set. Returns the
-    dataset folder, or the SFT run's `final/`."""
+    """Generate, filter and write the dataset; returns its folder (`off_policy.then_sft` then trains on it:
+    posttrain.pipeline.stages)."""
     o, tok = cfg.off_policy, student.tokenizer
     prompts = build_teacher_prompts(cfg, tok)
     stop = [tok.convert_tokens_to_ids("<|im_end|>")]
     requests = [
-        RolloutRequest(
-            p.ids,
-            n=o.samples_per_prompt,
-            max_tokens=o.max_tokens,
-            temperature=o.temperature,
-            top_p=o.top_p,
-            stop_token_ids=stop,
-            seed=(cfg.train.seed * 1_000_003 + i) % 2**31,
-            logprobs=None,
-            thinking_budget=o.thinking_budget,
-        )
+        sampled_request(o, p.ids, stop, (cfg.train.seed * 1_000_003 + i) % 2**31, logprobs=None)
         for i, p in enumerate(prompts)
     ]
     began = time.perf_counter()
@@ -102,9 +91,7 @@ def run_off_policy(cfg: DistillConfig, out: Path, student: Student, teacher_path
              len(pairs), seconds, truncated, len(rows), path / "train.parquet")  # fmt: skip
     if not rows:
         raise DataError("off_policy: no teacher response was kept (all truncated or below min_reward)")
-    if o.then_sft is None:
-        return path
-    return run_sft_on(cfg, out, student, path)
+    return path
 
 
 def answer_row(p: TeacherPrompt, ids: list[int], tok: Any, stop: list[int]) -> dict[str, Any]:
@@ -146,19 +133,3 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
 
     path.mkdir(parents=True, exist_ok=True)
     publish_file(path / "train.parquet", lambda p: Dataset.from_list(rows).to_parquet(str(p)))
-
-
-def run_sft_on(cfg: DistillConfig, out: Path, student: Student, data: Path) -> Path:
-    """`off_policy.then_sft` with the student and the written data; its run folder is `output_dir/sft`."""
-    from posttrain.sft.driver import run as run_sft
-
-    init = cfg.off_policy.then_sft
-    assert init is not None
-    overrides = [
-        *init.overrides,
-        f"output_dir={out / 'sft'}",
-        f"model.path={student.path}",
-        "model.tiny=null",
-        f"data.train=[{{path: '{data}', split: train, thinking: column}}]",
-    ]
-    return run_sft(load_config("sft", init.config, overrides))

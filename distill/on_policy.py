@@ -31,7 +31,14 @@ from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup
 from posttrain.rewards.builtin import exact_match
 from posttrain.rollout.engine import RolloutGroup, TokenScores
-from posttrain.rollout.episodes import Episode, Rollouts, build_prompts, policy_sync, start_policy_engines
+from posttrain.rollout.episodes import (
+    Episode,
+    OnPolicyStage,
+    Rollouts,
+    build_prompts,
+    policy_sync,
+    start_policy_engines,
+)
 from posttrain.stage import StageRun
 
 log = logging.getLogger("posttrain.distill")
@@ -54,18 +61,16 @@ def run_on_policy(run: StageRun, cfg: DistillConfig, student: Student, teacher_p
     sync = policy_sync(cfg, cfg.rollout, learners, engines, tok, run.out)
     stop = [tok.convert_tokens_to_ids("<|im_end|>")]
     rollouts = Rollouts(engines, sync, prompts, cfg.rollout, cfg.train.seed, stop)
-    run.train(learners, OnPolicyStage(cfg, learners, rollouts, teacher, student, eval_set), total)
+    run.train(learners, OnPolicyDistillStage(rollouts, eval_set, cfg, learners, teacher, student), total)
     return run.export(learners, student.processing)
 
 
 @dataclass
-class OnPolicyStage:
+class OnPolicyDistillStage(OnPolicyStage):
     cfg: DistillConfig
     learners: LearnerGroup
-    rollouts: Rollouts
     teacher: RolloutGroup
     student: Student
-    eval_set: EvalSet | None
 
     def step(self, step: int) -> dict[str, float]:
         """Student samples → teacher scores → one optimizer step → weight sync, each phase timed."""
@@ -100,18 +105,9 @@ class OnPolicyStage:
             rows.append(TopKRow(i, tokens, mask, ids, logp, {}))
         return rows, scores
 
-    def evaluate(self) -> dict[str, float]:
-        return self.eval_set.evaluate_on_engines(self.rollouts.engines) if self.eval_set else {}
-
-    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, str]]:
-        return self.rollouts.state()
-
-    def restore(self, meta: dict[str, Any], path: Path) -> None:
-        self.rollouts.restore(meta, path)
-
 
 def rollout_metrics(
-    stage: OnPolicyStage, episodes: list[Episode], teacher_own: list[Any]
+    stage: OnPolicyDistillStage, episodes: list[Episode], teacher_own: list[Any]
 ) -> dict[str, float]:
     """Response lengths, truncation, exact-match accuracy (when prompts have a `solution`) and the k1
     estimate of KL(student || teacher) per response token from the engines' and the teacher's logprobs."""

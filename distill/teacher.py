@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError
 from posttrain.data.order import epoch_order
 from posttrain.data.processing import load_processing, tokenizer_of
 from posttrain.distill.batch import Sequence, encode_sequences
@@ -44,17 +44,9 @@ class Student:
 
 
 def prepare_teacher(cfg: DistillConfig, student: Student) -> str:
-    """The teacher's path, built by `teacher.init_from_sft` first when missing; its tokenizer must be the
-    student's."""
+    """The teacher's path (built by `teacher.init_from_sft` before the stage runs, see
+    posttrain.pipeline.stages); its tokenizer must be the student's."""
     t = cfg.teacher
-    if t.init_from_sft and not Path(t.path).exists():
-        from posttrain.sft.driver import run as run_sft
-
-        init = t.init_from_sft
-        log.info(
-            "teacher %s is missing: running SFT %s %s first", t.path, init.config, " ".join(init.overrides)
-        )
-        run_sft(load_config("sft", init.config, [*init.overrides, f"output_dir={Path(t.path).parent}"]))
     if not Path(t.path).exists() and t.path.startswith((".", "/", "~")):
         raise ConfigError(f"teacher.path {t.path!r} does not exist; set teacher.init_from_sft to build it")
     path = str(Path(t.path).resolve()) if Path(t.path).exists() else t.path

@@ -64,9 +64,14 @@ def run_command(args: argparse.Namespace) -> None:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return
-        import importlib
+        if args.command == "pipeline":
+            from posttrain.pipeline.driver import run
 
-        importlib.import_module(f"posttrain.{args.command}.driver").run(cfg)
+            run(cfg)
+        else:
+            from posttrain.pipeline.stages import run_stage
+
+            run_stage(args.command, cfg)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -17,7 +17,11 @@ from typing import TYPE_CHECKING, Protocol
 from posttrain.losses import token_nll_sum
 
 if TYPE_CHECKING:
-    import torch
+    from torch import Tensor
+
+Tensors = dict[str, "Tensor"]
+Loss = tuple["Tensor", Tensors]
+"""(this micro-batch's share of the loss, summed statistics)."""
 
 
 @dataclass(frozen=True)
@@ -33,26 +37,14 @@ class Norms:
 
 
 class Objective(Protocol):
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        norms: Norms,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def __call__(self, logits: Tensor, input_ids: Tensor, batch: Tensors, norms: Norms) -> Loss: ...
 
 
 @dataclass(frozen=True)
 class NLL:
     """Next-token negative log-likelihood on the positions whose label is not -100 (SFT)."""
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        norms: Norms,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, logits: Tensor, input_ids: Tensor, batch: Tensors, norms: Norms) -> Loss:
         import torch
 
         nll, _ = token_nll_sum(logits, batch["labels"])

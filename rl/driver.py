@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from posttrain.config import load_config
 from posttrain.data.processing import load_processing, tokenizer_of
 from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup, LogprobSource, ReferenceGroup, shard_batches
@@ -34,6 +33,7 @@ from posttrain.rl.config import RLConfig
 from posttrain.rl.objective import RLObjective
 from posttrain.rollout.episodes import (
     Episode,
+    OnPolicyStage,
     Rollouts,
     build_prompts,
     placeholder_ids,
@@ -48,7 +48,7 @@ log = logging.getLogger("posttrain.rl")
 def run(cfg: RLConfig) -> Path:
     """Train as configured; return the exported `final/` folder."""
     with StageRun(cfg) as run:
-        model_path = prepare_policy(cfg)
+        model_path = prepare_inputs(cfg.model, [*cfg.data.prompts, cfg.data.eval])
         processing, is_vl = load_processing(model_path, cfg.model.trust_remote_code)
         tok = tokenizer_of(processing)
         needs = required_columns(cfg.rewards.rewards)
@@ -67,7 +67,7 @@ def run(cfg: RLConfig) -> Path:
         rollouts = Rollouts(
             engines, sync, prompts, cfg.rollout, cfg.train.seed, stop_ids, placeholder_ids(tok, is_vl)
         )
-        stage = RLStage(cfg, learners, rollouts, rewards, reference, tok, eval_set)
+        stage = RLStage(rollouts, eval_set, cfg, learners, rewards, reference, tok)
         run.train(learners, stage, cfg.train.max_steps)
         final = run.export(learners, processing)
     return run.finished(final)
@@ -81,21 +81,6 @@ def cpus_needed(cfg: RLConfig) -> float:
         + cfg.rollout.num_engines * cfg.rollout.cpus_per_engine
         + (ref.num_workers * ref.cpus_per_worker if separate_reference(cfg) else 0)
     )
-
-
-def prepare_policy(cfg: RLConfig) -> str:
-    """The starting model: `model.path`, built by `init_from_sft` first when missing; the prompt and eval
-    datasets are generated when they are synthetic and missing."""
-    if cfg.init_from_sft and not Path(cfg.model.path).exists():
-        from posttrain.sft.driver import run as run_sft
-
-        init = cfg.init_from_sft
-        output_dir = str(Path(cfg.model.path).parent)
-        log.info(
-            "%s is missing: running SFT %s %s first", cfg.model.path, init.config, " ".join(init.overrides)
-        )
-        run_sft(load_config("sft", init.config, [*init.overrides, f"output_dir={output_dir}"]))
-    return prepare_inputs(cfg.model, [*cfg.data.prompts, cfg.data.eval])
 
 
 def separate_reference(cfg: RLConfig) -> bool:
@@ -119,14 +104,12 @@ def start_reference(
 
 
 @dataclass
-class RLStage:
+class RLStage(OnPolicyStage):
     cfg: RLConfig
     learners: LearnerGroup
-    rollouts: Rollouts
     rewards: RewardRuntime
     reference: LogprobSource | None
     tokenizer: Any
-    eval_set: EvalSet | None
 
     def step(self, step: int) -> dict[str, float]:
         """Rollouts → rewards → logprobs and advantages → updates → weight sync, each phase timed."""
@@ -147,15 +130,6 @@ class RLStage:
         oldest = min(x.episode.weight_version for x in experience)
         record["rollout/staleness"] = float(self.rollouts.version - 1 - oldest)
         return record
-
-    def evaluate(self) -> dict[str, float]:
-        return self.eval_set.evaluate_on_engines(self.rollouts.engines) if self.eval_set else {}
-
-    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, str]]:
-        return self.rollouts.state()
-
-    def restore(self, meta: dict[str, Any], path: Path) -> None:
-        self.rollouts.restore(meta, path)
 
     # ------------------------------------------------------------------------------------------ phases
 

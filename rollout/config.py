@@ -1,5 +1,5 @@
-"""Rollout engine configuration (RL's policy engines, on-policy distillation's student engines). Imports
-only pydantic (see posttrain.config)."""
+"""Rollout configuration: how engines sample (`SamplingConfig`, shared by every generation) and the
+policy's engines (RL's, on-policy distillation's student's). Imports only pydantic (see posttrain.config)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,28 @@ from typing import Literal
 
 from pydantic import Field
 
-from posttrain.config import EngineSettings
+from posttrain.config import EngineSettings, Strict
 
 
-class RolloutConfig(EngineSettings):
-    """vLLM engines and how they sample."""
+class SamplingConfig(Strict):
+    """How an engine samples responses: RL's rollouts, the on-policy student, off-policy teacher data."""
+
+    samples_per_prompt: int = Field(1, ge=1)
+    """Responses per prompt."""
+    max_tokens: int = Field(256, ge=1)
+    """Response length limit."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature (0: greedy)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling (0: off)."""
+    thinking_budget: int | None = Field(None, ge=1)
+    """Close the think block after this many generated tokens and let the answer follow."""
+
+
+class RolloutConfig(EngineSettings, SamplingConfig):
+    """vLLM engines that serve the policy being trained, and how they sample."""
 
     num_engines: int = Field(1, ge=1)
     """Engine actors (each a full copy of the policy)."""
@@ -21,16 +38,6 @@ class RolloutConfig(EngineSettings):
     """Prompt + response tokens an engine accepts."""
     samples_per_prompt: int = Field(8, ge=2)
     """Responses per prompt (the group size of the advantage)."""
-    max_tokens: int = Field(256, ge=1)
-    """Response length limit."""
-    temperature: float = Field(1.0, ge=0)
-    """Sampling temperature."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling."""
-    top_k: int = Field(0, ge=0)
-    """Top-k sampling (0: off)."""
-    thinking_budget: int | None = Field(None, ge=1)
-    """Close the think block after this many generated tokens and let the answer follow."""
     sync: Literal["stream", "bulk"] = "stream"
     """Weight sync: `stream` pipelines buckets (bounded memory), `bulk` puts them all first."""
     bucket_mb: float = Field(64, gt=0)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import ConfigError
+from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.weight_sync import Probe, WeightSyncError
 from posttrain.weights import Bucket, SyncManifest, put_bucket, tensor_checksum, unpack_bucket
 from posttrain.workers import WorkerGroup, init_ray, split_evenly
@@ -59,6 +60,30 @@ class RolloutRequest:
     images: list[Any] | None = None  # PIL images for a VL prompt (its ids hold one image pad per image)
     thinking_budget: int | None = None  # close the think block after this many generated tokens
     ignore_eos: bool = False
+
+
+def sampled_request(
+    sampling: SamplingConfig,
+    prompt_ids: list[int],
+    stop_ids: list[int],
+    seed: int,
+    images: list[Any] | None = None,
+    logprobs: int | None = 0,
+) -> RolloutRequest:
+    """The request for `prompt_ids` sampled as `sampling` says."""
+    return RolloutRequest(
+        prompt_ids,
+        n=sampling.samples_per_prompt,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        stop_token_ids=stop_ids,
+        seed=seed,
+        logprobs=logprobs,
+        images=images,
+        thinking_budget=sampling.thinking_budget,
+    )
 
 
 @dataclass
@@ -395,6 +420,28 @@ class RolloutEngine:
                 f"sync to version {version} loaded but not verified (last good version {self.version})"
             )
             return {"name": self.name, "version": version, "bytes": nbytes, "load_seconds": load_s}
+        report = self._prove(version, per_worker, manifest, probe)
+        return {**report, "load_seconds": load_s, "seconds": time.perf_counter() - t0}
+
+    def verify(self, version: int, manifest: SyncManifest | None, probe: Probe | None) -> dict[str, Any]:
+        """Finish a `defer_checks` update: the received checksums against the (now complete) manifest,
+        then the probe; only then does the engine serve `version`."""
+        received = self._received
+        if received is None or received[0] != version:
+            raise self._failed(version, "verify without a loaded update of this version")
+        report = self._prove(version, received[1], manifest, probe)
+        self._received = None
+        return report
+
+    def _prove(
+        self,
+        version: int,
+        per_worker: list[tuple[dict[str, float], int]],
+        manifest: SyncManifest | None,
+        probe: Probe | None,
+    ) -> dict[str, Any]:
+        """Every TP worker's received checksums against `manifest`, then the probe: only when both pass
+        does the engine serve `version`."""
         if manifest is not None:
             for rank, (got, _) in enumerate(per_worker):
                 problem = manifest.compare(got)
@@ -410,39 +457,6 @@ class RolloutEngine:
             except WeightSyncError as e:
                 raise self._failed(version, e.reason) from None
         self.version, self.dirty = version, None
-        return {
-            "name": self.name,
-            "version": version,
-            "checksum": sum(seen.values()),
-            "tensors": len(seen),
-            "bytes": nbytes,
-            "load_seconds": load_s,
-            "seconds": time.perf_counter() - t0,
-            "probe_max_abs": probe_err,
-        }
-
-    def verify(self, version: int, manifest: SyncManifest | None, probe: Probe | None) -> dict[str, Any]:
-        """Finish a `defer_checks` update: the received checksums against the (now complete) manifest,
-        then the probe; only then does the engine serve `version`."""
-        received = self._received
-        if received is None or received[0] != version:
-            raise self._failed(version, "verify without a loaded update of this version")
-        per_worker = received[1]
-        if manifest is not None:
-            for rank, (got, _) in enumerate(per_worker):
-                problem = manifest.compare(got)
-                if problem:
-                    raise self._failed(
-                        version, problem if len(per_worker) == 1 else f"TP worker {rank}: {problem}"
-                    )
-        probe_err = None
-        if probe is not None:
-            self.dirty = None
-            try:
-                probe_err = self._check_probe(version, probe)
-            except WeightSyncError as e:
-                raise self._failed(version, e.reason) from None
-        self.version, self.dirty, self._received = version, None, None
         seen, nbytes = per_worker[0]
         return {
             "name": self.name,

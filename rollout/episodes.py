@@ -26,9 +26,16 @@ from posttrain.data.order import epoch_order
 from posttrain.data.processing import tokenizer_of
 from posttrain.data.prompts import EvalPrompt, build_eval_prompts
 from posttrain.data.rows import Needs
+from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup
-from posttrain.rollout.config import RolloutConfig
-from posttrain.rollout.engine import RolloutGroup, RolloutRequest, RolloutResult, RolloutSample
+from posttrain.rollout.config import RolloutConfig, SamplingConfig
+from posttrain.rollout.engine import (
+    RolloutGroup,
+    RolloutRequest,
+    RolloutResult,
+    RolloutSample,
+    sampled_request,
+)
 from posttrain.rollout.weight_sync import PROBE_ATOL, WeightSync
 from posttrain.workers import resolve_device
 
@@ -119,23 +126,14 @@ def prompt_order(num_prompts: int, seed: int, position: int) -> int:
 
 
 def requests_for(
-    prompts: list[Prompt], positions: range, seed: int, rollout: RolloutConfig, stop_ids: list[int]
+    prompts: list[Prompt], positions: range, seed: int, rollout: SamplingConfig, stop_ids: list[int]
 ) -> tuple[list[Prompt], list[RolloutRequest]]:
     """The prompts at stream `positions` and their requests; each request's sampling seed is a function
     of (seed, position), so a resumed run samples the same tokens."""
     chosen = [prompts[prompt_order(len(prompts), seed, pos)] for pos in positions]
     requests = [
-        RolloutRequest(
-            p.engine_ids,
-            n=rollout.samples_per_prompt,
-            max_tokens=rollout.max_tokens,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
-            top_k=rollout.top_k,
-            stop_token_ids=stop_ids,
-            seed=(seed * 1_000_003 + pos) % 2**31,
-            images=p.source.images or None,
-            thinking_budget=rollout.thinking_budget,
+        sampled_request(
+            rollout, p.engine_ids, stop_ids, (seed * 1_000_003 + pos) % 2**31, p.source.images or None
         )
         for p, pos in zip(chosen, positions, strict=True)
     ]
@@ -311,3 +309,21 @@ class Rollouts:
             prompts = [self.prompts[prompt_order(len(self.prompts), self.seed, p)] for p in positions]
             self.pending = PendingRollouts(prompts, positions, results=results)
         self.sync.push(int(meta["version"]))
+
+
+@dataclass
+class OnPolicyStage:
+    """What the on-policy stages (RL, on-policy distillation) share of the stage protocol: evaluation on
+    the engines (they serve the current weights) and the rollouts' checkpointed state."""
+
+    rollouts: Rollouts
+    eval_set: EvalSet | None
+
+    def evaluate(self) -> dict[str, float]:
+        return self.eval_set.evaluate_on_engines(self.rollouts.engines) if self.eval_set else {}
+
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, str]]:
+        return self.rollouts.state()
+
+    def restore(self, meta: dict[str, Any], path: Path) -> None:
+        self.rollouts.restore(meta, path)

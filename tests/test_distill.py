@@ -18,7 +18,7 @@ from posttrain.config import ConfigError, validate
 from posttrain.distill.batch import collate
 from posttrain.distill.config import LossConfig
 from posttrain.distill.losses import divergence, reverse_kl_sampled
-from posttrain.distill.objective import distill_objective
+from posttrain.distill.objective import DistillObjective
 from posttrain.distill.topk_store import TopKRow, TopKStore, TopKWriter
 from posttrain.metrics import read_metrics
 from posttrain.objectives import Norms
@@ -70,7 +70,7 @@ def test_objective_is_the_global_token_mean_however_the_batch_is_split() -> None
             lg = torch.cat(
                 [torch.nn.functional.pad(logits[i], (0, 0, 0, width - logits[i].shape[1])) for i in part]
             )
-            out = out + distill_objective(lg, b["input_ids"], b, Norms(tokens), LOSS)[0]
+            out = out + DistillObjective(LOSS)(lg, b["input_ids"], b, Norms(tokens))[0]
         return out
 
     whole, split = total([[0, 1, 2, 3]]), total([[0], [1, 2], [3]])
@@ -98,12 +98,12 @@ def test_sampled_estimator_and_nll_term() -> None:
     b = collate([sampled], 0, 1)
     logits = torch.randn(1, 6, V, requires_grad=True)
     cfg = LOSS.model_copy(update={"type": "reverse_kl", "estimator": "sampled"})
-    loss, stats = distill_objective(logits, b["input_ids"], b, Norms(4.0), cfg)
+    loss, stats = DistillObjective(cfg)(logits, b["input_ids"], b, Norms(4.0))
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
     expected = (reverse_kl_sampled(logp, torch.from_numpy(teacher_lp[1:])[None]) * b["loss_mask"]).sum() / 4
     assert torch.allclose(loss, expected) and torch.isfinite(loss)
-    with_nll, _ = distill_objective(
-        logits, b["input_ids"], b, Norms(4.0), cfg.model_copy(update={"nll_weight": 0.5})
+    with_nll, _ = DistillObjective(cfg.model_copy(update={"nll_weight": 0.5}))(
+        logits, b["input_ids"], b, Norms(4.0)
     )
     assert torch.allclose(with_nll - loss, 0.5 * stats["nll_sum"] / 4)
 

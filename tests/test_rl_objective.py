@@ -10,7 +10,7 @@ from posttrain.data.prompts import EvalPrompt
 from posttrain.objectives import Norms
 from posttrain.rl.batch import Experience, Scored, collate, loss_positions, response_logprobs
 from posttrain.rl.config import AlgorithmConfig
-from posttrain.rl.objective import rl_objective
+from posttrain.rl.objective import RLObjective
 from posttrain.rollout import RolloutSample
 from posttrain.rollout.episodes import Episode, Prompt
 
@@ -66,7 +66,7 @@ def test_first_update_is_on_policy(kind: str) -> None:
     batch |= {"engine_logprobs": lp.clone(), "ref_logprobs": lp.clone()}
     norms = Norms(tokens=5.0, seqs=2.0, norm_length=3.0, temperature=0.7)
     algo = _algo(type=kind, kl_coef=0.1)
-    loss, stats = rl_objective(logits, ids, batch, norms, algo)
+    loss, stats = RLObjective(algo)(logits, ids, batch, norms)
     assert stats["ratio_sum"].item() == stats["tokens"].item() == 5.0
     assert stats["ratio_max"].item() == 1.0
     assert stats["clip_low_count"].item() == stats["clip_high_count"].item() == 0.0
@@ -98,14 +98,14 @@ def test_importance_weights_and_entropy_bonus_enter_the_loss() -> None:
     batch = {"response_mask": mask, "advantages": torch.tensor([1.0])}
     batch["engine_logprobs"] = torch.full((1, 3), -30.0)  # the engine thought these tokens unlikely
     norms = Norms(tokens=3.0, seqs=1.0, norm_length=3.0)
-    plain, _ = rl_objective(logits, ids, batch, norms, _algo(type="dapo"))
-    capped, stats = rl_objective(
-        logits, ids, batch, norms, _algo(type="dapo", importance_sampling={"cap": 2.0})
+    plain, _ = RLObjective(_algo(type="dapo"))(logits, ids, batch, norms)
+    capped, stats = RLObjective(_algo(type="dapo", importance_sampling={"cap": 2.0}))(
+        logits, ids, batch, norms
     )
     assert stats["tis_clipped_count"].item() == 3.0
     assert capped.item() == pytest.approx(2.0 * plain.item())
     assert stats["mismatch_max"].item() > 20
-    bonus, st = rl_objective(logits, ids, batch, norms, _algo(type="dapo", entropy_coef=0.5))
+    bonus, st = RLObjective(_algo(type="dapo", entropy_coef=0.5))(logits, ids, batch, norms)
     assert bonus.item() == pytest.approx(plain.item() - 0.5 * st["entropy_sum"].item() / 3, rel=1e-6)
 
 

@@ -19,19 +19,17 @@ from typing import Any
 from posttrain.checkpoint import publish_file
 from posttrain.config import ConfigError, DatasetSpec, EvalConfig, dump_config
 from posttrain.data.processing import load_processing
-from posttrain.distill import driver as distill_driver
 from posttrain.evaluation import EvalSet
 from posttrain.metrics import quiet_libraries
 from posttrain.pipeline.config import PipelineConfig
-from posttrain.rl import driver as rl_driver
+from posttrain.pipeline.report import write_report
+from posttrain.pipeline.stages import run_stage
 from posttrain.rollout.engine import RolloutGroup
-from posttrain.sft import driver as sft_driver
 from posttrain.workers import resolve_device
 
 log = logging.getLogger("posttrain.pipeline")
 DONE = "pipeline_stage.json"
 MODES = {False: "non_thinking", True: "thinking"}
-STAGES = {"sft": sft_driver.run, "distill": distill_driver.run, "rl": rl_driver.run}
 
 
 def run(cfg: PipelineConfig) -> Path:
@@ -42,7 +40,7 @@ def run(cfg: PipelineConfig) -> Path:
     dump_config(cfg, out / "config.yaml")
     models: dict[str, Path] = {}
     for i, spec in enumerate(cfg.stages):
-        models[spec.name] = run_stage(cfg, i, models)
+        models[spec.name] = train_stage(cfg, i, models)
     variants = {
         name: export_variant(models[cfg.variant_stage(name)], out / name, v.thinking)
         for name, v in cfg.variants.items()
@@ -52,8 +50,6 @@ def run(cfg: PipelineConfig) -> Path:
     if rows:
         print(format_table(rows, cfg.eval.splits if cfg.eval else []))
     if cfg.report:
-        from posttrain.pipeline.report import write_report
-
         log.info("report: %s", write_report(out, cfg, rows))
     log.info("pipeline finished in %.1f min → %s", (time.perf_counter() - began) / 60, out)
     return out
@@ -62,7 +58,7 @@ def run(cfg: PipelineConfig) -> Path:
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def run_stage(cfg: PipelineConfig, index: int, models: dict[str, Path]) -> Path:
+def train_stage(cfg: PipelineConfig, index: int, models: dict[str, Path]) -> Path:
     """Train stage `index` unless it already finished; return its model folder."""
     import ray
 
@@ -76,7 +72,7 @@ def run_stage(cfg: PipelineConfig, index: int, models: dict[str, Path]) -> Path:
     log.info("stage %s: posttrain %s %s", spec.name, spec.stage, spec.config)
     began = time.perf_counter()
     try:
-        final = STAGES[spec.stage](cfg.stage_config(index, models))  # type: ignore[operator]
+        final = run_stage(spec.stage, cfg.stage_config(index, models))
     finally:
         ray.shutdown()  # the next stage sizes its own cluster (or reconnects to `ray.address`)
     model = trained_model(Path(final), spec.name)

@@ -17,6 +17,7 @@ from typing import Any
 from posttrain.config import SFTInit, load_config
 from posttrain.distill import driver as distill_driver
 from posttrain.distill.config import DistillConfig
+from posttrain.distill.topk_store import MANIFEST
 from posttrain.rl import driver as rl_driver
 from posttrain.rl.config import RLConfig
 from posttrain.sft import driver as sft_driver
@@ -46,14 +47,30 @@ def run_stage(stage: str, cfg: Any) -> Path:
     return result
 
 
+def student_sft_wiring(cfg: DistillConfig, data: Path) -> list[str]:
+    """`off_policy.then_sft`: the student (`model`) on the written data, in `output_dir/sft`."""
+    model = Path(cfg.model.path)
+    return [
+        f"output_dir={Path(cfg.output_dir).resolve() / 'sft'}",
+        f"model.path={model.resolve() if model.exists() else cfg.model.path}",
+        "model.tiny=null",
+        f"data.train=[{{path: '{data}', split: train, thinking: column}}]",
+    ]
+
+
 def links_to_build(cfg: Any) -> list[tuple[str, str, SFTInit]]:
     """(config key, missing model folder, the SFT that builds it) for each `init_from_sft` to run."""
     wanted = []
     if isinstance(cfg, RLConfig) and cfg.init_from_sft:
         wanted.append(("model.path", cfg.model.path, cfg.init_from_sft))
-    if isinstance(cfg, DistillConfig) and cfg.mode != "offline" and cfg.teacher.init_from_sft:
+    if isinstance(cfg, DistillConfig) and cfg.teacher.init_from_sft and needs_teacher(cfg):
         wanted.append(("teacher.path", cfg.teacher.path, cfg.teacher.init_from_sft))
     return [(key, path, init) for key, path, init in wanted if not Path(path).exists()]
+
+
+def needs_teacher(cfg: DistillConfig) -> bool:
+    """Every mode runs the teacher, but offline only while its store is not captured yet."""
+    return cfg.mode != "offline" or not (cfg.store_dir / MANIFEST).is_file()
 
 
 def run_linked_sft(init: SFTInit, wiring: list[str]) -> Path:
