@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.checkpoint import publish_file
+from posttrain.checkpoint import publish_file, publish_folder
 from posttrain.config import ConfigError, DatasetSpec, EvalConfig, dump_config
 from posttrain.data.processing import load_processing
 from posttrain.evaluation import EvalSet
@@ -110,9 +110,7 @@ def export_variant(model: Path, folder: Path, thinking: bool) -> Path:
     shutil.copytree(model, tmp, dirs_exist_ok=True)
     processing.save_pretrained(tmp)
     tmp.chmod(0o755)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    publish_folder(tmp, folder)
     log.info("exported %s (%s by default)", folder, MODES[thinking])
     return folder
 
