@@ -67,7 +67,7 @@ def median(xs: list[float]) -> float:
 
 
 def prepare(out: Path, size: Literal["tiny", "small"]) -> Path:
-    from posttrain.tiny import build_tiny_model
+    from posttrain.synthetic.models import build_tiny_model
 
     model = out / f"model-{size}"
     if not (model / "config.json").is_file():
@@ -79,8 +79,7 @@ def prompt_ids(model: Path, count: int) -> list[list[int]]:
     """`count` arithmetic prompts as the chat template renders them for generation (thinking mode)."""
     from transformers import AutoTokenizer
 
-    from posttrain.config import TinyTask
-    from posttrain.tasks import arithmetic_splits
+    from posttrain.synthetic.tasks import TinyTask, arithmetic_splits
 
     tok = AutoTokenizer.from_pretrained(model)
     rows = arithmetic_splits(TinyTask(name="arithmetic", train_size=count, test_size=1))["train"]

@@ -75,9 +75,8 @@ def parse_args() -> argparse.Namespace:
 
 def prepare(out: Path, size: str) -> tuple[Path, Path]:
     """The tiny model and the arithmetic task under `out`, built once."""
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
-    from posttrain.tiny import build_tiny_model
+    from posttrain.synthetic.models import build_tiny_model
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     model, data = out / f"model-{size}", out / "arithmetic"
     if not (model / "config.json").is_file():

@@ -165,7 +165,7 @@ def run_sft_on(cfg: DistillConfig, out: Path, student: Any, data: Path) -> Path:
         *init.overrides,
         f"output_dir={out / 'sft'}",
         f"model.path={student.path}",
-        "model.tiny=null",
+        "model.build=null",
         f"data.train=[{{path: '{data}', split: train, thinking: column}}]",
     ]
     return run_sft(load_config("sft", init.config, overrides))

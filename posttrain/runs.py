@@ -23,9 +23,8 @@ def quiet_libraries() -> None:
 
 
 def prepare_inputs(model_cfg: ModelConfig, datasets: list[DatasetSpec | None]) -> str:
-    """Build the tiny model and synthetic datasets the config asks for when missing; return the model path."""
-    from posttrain.tasks import ensure_dataset
-    from posttrain.tiny import ensure_model
+    """Build the model and datasets whose `build` entries the config sets when missing; return the model path."""
+    from posttrain.inputs import ensure_dataset, ensure_model
 
     model = ensure_model(model_cfg)
     model_path = str(model.resolve()) if isinstance(model, Path) else model

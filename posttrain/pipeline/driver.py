@@ -182,7 +182,7 @@ def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool
         for thinking in modes:
             row: dict[str, Any] = {"model": label, "mode": MODES[thinking]}
             for split in e.splits:
-                spec = DatasetSpec(path=e.path, split=split)
+                spec = DatasetSpec(path=e.path, split=split, verifier=e.verifier)
                 evaluation = EvalConfig(
                     max_samples=e.max_samples, max_new_tokens=e.max_new_tokens, thinking=thinking
                 )
@@ -197,7 +197,7 @@ def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool
 
 
 def format_table(rows: list[dict[str, Any]], splits: list[str]) -> str:
-    """Held-out exact-match accuracy, one line per model and mode."""
+    """Held-out accuracy (answers the dataset's verifier accepts), one line per model and mode."""
     header = f"{'model':<14}{'mode':<14}" + "".join(f"{s:>12}" for s in splits)
     lines = [header, "-" * len(header)]
     for r in rows:
