@@ -70,7 +70,7 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
 
 def tiny_model(out: Path, size: Any) -> Path:
     """posttrain's random tiny text Qwen3 of `size` under `out`, built on first use (nothing is downloaded)."""
-    from posttrain.tiny import build_tiny_model
+    from posttrain.synthetic.models import build_tiny_model
 
     model = out / f"model-{size}"
     if not (model / "config.json").is_file():
@@ -81,8 +81,7 @@ def tiny_model(out: Path, size: Any) -> Path:
 def arithmetic_task(out: Path) -> Path:
     """The arithmetic task (`TRAIN_ROWS` rows with thinking traces) under `out`, built on first use; benches
     run with the same `--out` share it."""
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     data = out / "arithmetic"
     if not data.is_dir():

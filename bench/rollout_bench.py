@@ -67,8 +67,7 @@ def prompt_ids(model: Path, count: int) -> list[list[int]]:
     """`count` arithmetic prompts as the chat template renders them for generation (thinking mode)."""
     from transformers import AutoTokenizer
 
-    from posttrain.config import TinyTask
-    from posttrain.tasks import arithmetic_splits
+    from posttrain.synthetic.tasks import TinyTask, arithmetic_splits
 
     tok = AutoTokenizer.from_pretrained(model)
     rows = arithmetic_splits(TinyTask(name="arithmetic", train_size=count, test_size=1))["train"]

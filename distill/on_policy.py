@@ -27,7 +27,6 @@ from posttrain.distill.config import DistillConfig
 from posttrain.distill.teacher import Student, start_teacher
 from posttrain.distill.top_k import distill_update
 from posttrain.distill.topk_store import TopKRow
-from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup
 from posttrain.rewards.builtin import exact_match
 from posttrain.rollout.engine import RolloutGroup, TokenScores
@@ -39,6 +38,7 @@ from posttrain.rollout.episodes import (
     policy_sync,
     start_policy_engines,
 )
+from posttrain.rollout.evaluation import EvalSet
 from posttrain.stage import StageRun
 
 log = logging.getLogger("posttrain.distill")

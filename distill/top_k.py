@@ -35,10 +35,10 @@ from posttrain.distill.teacher import (
     start_teacher,
 )
 from posttrain.distill.topk_store import MANIFEST, TopKRow, TopKStore, TopKWriter, teacher_identity
-from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup, shard_batches
 from posttrain.objectives import Norms
 from posttrain.rollout.engine import RolloutGroup
+from posttrain.rollout.evaluation import EvalSet
 from posttrain.stage import StageRun
 
 log = logging.getLogger("posttrain.distill")

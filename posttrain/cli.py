@@ -1,11 +1,17 @@
-"""`posttrain` command line. Imports only argparse at start so `--help` is instant; each command
-imports its stage when it runs."""
+"""`posttrain` command line. Imports only configs and error types at start (no torch, Ray or vLLM), so
+`--help` is instant; the stages are imported when a command runs them."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+
+from posttrain.checkpoint import CheckpointError
+from posttrain.config import BuildSpec, ConfigError, format_validation_error, load_config, parse_overrides
+from posttrain.data.errors import DataError
+from posttrain.inputs import build_input
+from posttrain.plugins import PluginLoadError
 
 
 def _stage_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -27,37 +33,49 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "distill", "strong-to-weak distillation (offline top-k store, online, on/off-policy)")
     _stage_parser(sub, "rl", "reinforcement learning with verifiable rewards (GRPO, DAPO, GSPO, SAPO, ...)")
     _stage_parser(sub, "pipeline", "SFT → distillation → RL in one file, exporting instruct/ and thinking/")
-    tiny = sub.add_parser("make-tiny-model", help="build a tiny random Qwen3 / Qwen3-VL with its tokenizer")
-    tiny.add_argument("dir")
-    tiny.add_argument("--kind", choices=["text", "vl"], default="text")
-    tiny.add_argument("--size", choices=["micro", "tiny", "small"], default="tiny")
-    tiny.add_argument("--seed", type=int, default=0)
-    task = sub.add_parser("make-task", help="write a synthetic verifiable task (train/test parquet splits)")
-    task.add_argument("dir")
-    task.add_argument("--name", choices=["arithmetic", "shapes"], default="arithmetic")
-    task.add_argument("--train-size", type=int, default=2000)
-    task.add_argument("--test-size", type=int, default=200)
-    task.add_argument("--seed", type=int, default=0)
+    build_help = (
+        "run a builder (as a config's `build:` names it) to write a model folder or a dataset at PATH"
+    )
+    build = sub.add_parser(
+        "build",
+        help=build_help,
+        description=f"{build_help}, e.g. `posttrain build tiny_model runs/models/tiny-vl kind=vl` or "
+        "`posttrain build arithmetic runs/data/arithmetic train_size=8000`.",
+    )
+    build.add_argument("builder", help="a built-in builder, an entry point, module:attr or file.py:attr")
+    build.add_argument("path", help="where to write (must not exist yet)")
+    build.add_argument(
+        "overrides", nargs="*", metavar="ARG=VALUE", help="the builder's arguments (YAML values)"
+    )
     return parser
 
 
+RENAMED = {
+    "make-tiny-model": "posttrain build tiny_model DIR [kind=text|vl] [size=micro|tiny|small] [seed=N]",
+    "make-task": "posttrain build arithmetic|shapes DIR [train_size=N] [test_size=N] [seed=N]",
+}
+"""Commands that became `posttrain build`: their new spelling."""
+
+
+def run_build(builder: str, path: str, overrides: list[str]) -> None:
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    raw = {"builder": builder, "args": parse_overrides(overrides)}
+    try:
+        spec = BuildSpec.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, BuildSpec, f"for builder {builder!r}")) from None
+    if Path(path).exists():
+        raise ConfigError(f"{path} already exists; remove it or choose another path")
+    print(build_input(spec, Path(path), f"builder {builder!r}"))
+
+
 def run_command(args: argparse.Namespace) -> None:
-    if args.command == "make-tiny-model":
-        from posttrain.tiny import build_tiny_model
-
-        print(build_tiny_model(args.dir, kind=args.kind, size=args.size, seed=args.seed))
-    elif args.command == "make-task":
-        from posttrain.config import TinyTask
-        from posttrain.tasks import write_task
-
-        write_task(
-            args.dir,
-            TinyTask(name=args.name, train_size=args.train_size, test_size=args.test_size, seed=args.seed),
-        )
-        print(args.dir)
+    if args.command == "build":
+        run_build(args.builder, args.path, args.overrides)
     else:
-        from posttrain.config import load_config
-
         cfg = load_config(args.command, args.config, args.overrides)
         if args.dry_run:
             import yaml
@@ -88,15 +106,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in RENAMED:
+        print(f"posttrain: error: `posttrain {argv[0]}` is now `{RENAMED[argv[0]]}`", file=sys.stderr)
+        return 2
     args = parse_args(argv)
-    from posttrain.checkpoint import CheckpointError
-    from posttrain.config import ConfigError
-    from posttrain.data.errors import DataError
-    from posttrain.rewards.registry import RewardLoadError
 
     try:
         run_command(args)
-    except (ConfigError, DataError, CheckpointError, RewardLoadError) as err:
+    except (ConfigError, DataError, CheckpointError, PluginLoadError) as err:  # rewards', builders' plugins
         print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # named run failures: WeightSyncError, RewardPluginError, RolloutError, ...

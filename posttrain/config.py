@@ -7,13 +7,16 @@ keys; the error names the full dotted key and suggests the closest valid one.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.builders import Builder, Makes, resolve_builder
 from posttrain.checkpoint import publish_file
+from posttrain.plugins import absolute_name
 
 
 class ConfigError(ValueError):
@@ -24,16 +27,69 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
 
-class TinyModel(Strict):
-    """How to build a tiny random model when `model.path` does not exist yet."""
+class NestedConfigError(ValueError):
+    """A plugin's own arguments failed their model's validation at `loc` inside the key being checked;
+    reported per field with the full dotted key (and a suggestion for an unknown key)."""
 
-    kind: Literal["text", "vl"] = "text"
-    """`text` builds a Qwen3, `vl` a Qwen3-VL."""
-    size: Literal["micro", "tiny", "small"] = "tiny"
-    """`micro`: ~0.2M parameters (a distillation student); `tiny`: ~1M for tests and the demo; `small`:
-    ~10M for benchmarks. All sizes share the tokenizer of a given `seed`."""
-    seed: int = 0
-    """Seed for tokenizer corpus order and weight initialisation."""
+    def __init__(self, loc: tuple[str, ...], error: ValidationError, model: type[BaseModel]) -> None:
+        super().__init__(str(error))
+        self.loc, self.error, self.model = loc, error, model
+
+
+class BuildSpec(Strict):
+    """How to build an input (a model folder, a dataset) at its `path` when the path is missing."""
+
+    makes: ClassVar[Makes | None] = None
+    """What the builder must make here (None: either)."""
+
+    builder: str
+    """A built-in builder (`tiny_model`, and the synthetic tasks `arithmetic` and `shapes`), an entry point
+    in the group `posttrain.builders`, `module:attr`, or `path/to/file.py:attr` (see posttrain.builders)."""
+    args: dict[str, Any] = {}
+    """The builder's own arguments, checked against the types it declares when the config is read."""
+
+    def declaration(self) -> Builder:
+        return resolve_builder(self.builder)
+
+    @model_validator(mode="after")
+    def _builder_and_args(self) -> BuildSpec:
+        declared = self.declaration()  # BuilderLoadError (a ValueError) names the builder and its forms
+        if self.makes is not None and declared.makes != self.makes:
+            raise ValueError(f"builder {self.builder!r} makes a {declared.makes}, not a {self.makes}")
+        try:
+            checked = declared.check_args(self.args)
+        except ValidationError as err:
+            raise NestedConfigError(("args",), err, declared.args) from None
+        self.builder = absolute_name(self.builder)  # other processes re-validate from elsewhere
+        self.args = checked.model_dump(mode="json")
+        return self
+
+
+class ModelBuild(BuildSpec):
+    """How to build the model folder at `model.path` when it is missing."""
+
+    makes = "model"
+
+
+class DatasetBuild(BuildSpec):
+    """How to build a dataset at its `path` when it is missing."""
+
+    makes = "dataset"
+
+
+def _moved_to_build(old_kind: Literal["tiny model", "task"]) -> Callable[[str, Any], str]:
+    """The message for a key replaced by `build` (`model.tiny`, a dataset's `generate`): the new key and,
+    from the old value, its new form with the synthetic home's builders."""
+
+    def hint(prefix: str, old: Any) -> str:
+        args = {k: v for k, v in old.items() if k != "name"} if isinstance(old, dict) else {}
+        task = old.get("name", "arithmetic") if isinstance(old, dict) else "arithmetic"
+        name = task if old_kind == "task" else "tiny_model"
+        new = {"builder": name, "args": args}
+        new_text = yaml.safe_dump(new, default_flow_style=True, width=1000, sort_keys=False).strip()
+        return f"replaced by '{prefix}build'; write `build: {new_text}`"
+
+    return hint
 
 
 class Lora(Strict):
@@ -50,10 +106,12 @@ class Lora(Strict):
 
 
 class ModelConfig(Strict):
+    moved: ClassVar[dict[str, Callable[[str, Any], str]]] = {"tiny": _moved_to_build("tiny model")}
     path: str
     """A local Hugging Face folder or a hub id. The hub is never contacted for local folders."""
-    tiny: TinyModel | None = None
-    """If set and `path` is missing, build a tiny random model there (no downloads)."""
+    build: ModelBuild | None = None
+    """If set and `path` is missing, build the model there first, e.g. `{builder: tiny_model, args:
+    {kind: text}}` for a tiny random Qwen3 (no downloads)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training precision. float32 on CPU for exact tests; bfloat16 on GPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -69,23 +127,8 @@ class ModelConfig(Strict):
     """Train LoRA adapters instead of all weights."""
 
 
-class TinyTask(Strict):
-    """A synthetic verifiable task to write when the dataset path is missing."""
-
-    name: Literal["arithmetic", "shapes"] = "arithmetic"
-    """`arithmetic`: multi-digit addition with digit-by-digit working; `shapes`: count shapes in an image."""
-    train_size: int = Field(2000, ge=1)
-    """Rows in the train split."""
-    test_size: int = Field(200, ge=1)
-    """Rows in each held-out split."""
-    seed: int = 0
-    """Generation seed."""
-    shortcut_fraction: float = Field(0.0, ge=0, le=1)
-    """Fraction of train rows whose reasoning skips the working and keeps only its conclusion (`answer
-    N`, `N shapes.`): an SFT set that rarely shows its work, for a weak start that RL can improve."""
-
-
 class DatasetSpec(Strict):
+    moved: ClassVar[dict[str, Callable[[str, Any], str]]] = {"generate": _moved_to_build("task")}
     path: str
     """Hub name, local .json/.jsonl/.parquet file, or a folder of such files / a saved dataset."""
     split: str = "train"
@@ -98,15 +141,21 @@ class DatasetSpec(Strict):
     """Per-row boolean column used when `thinking: column`."""
     max_rows: int | None = Field(None, ge=1)
     """Use only the first N rows."""
-    generate: TinyTask | None = None
-    """If set and `path` is missing, write this synthetic task there first."""
+    build: DatasetBuild | None = None
+    """If set and `path` is missing, build the dataset there first, e.g. `{builder: arithmetic, args:
+    {train_size: 8000}}` for a synthetic task."""
+    verifier: str | None = None
+    """The reward that scores an answer when this dataset is evaluated (named as in `rewards:`; an
+    answer it gives 1.0 is correct). Default: the dataset's own, from its folder's `task.json` or its
+    builder, else `exact_match` with `solution`."""
 
 
 class DataConfig(Strict):
     train: list[DatasetSpec]
     """Training datasets, concatenated."""
     eval: DatasetSpec | None = None
-    """Held-out split for `eval/accuracy` (exact match of the generated answer with `solution`)."""
+    """Held-out split for `eval/accuracy`: the share of greedy answers its verifier accepts (default: exact
+    match with `solution`)."""
     max_length: int = Field(1024, ge=8)
     """Maximum tokens per sample (and per packed row)."""
     overlong: Literal["error", "drop", "truncate"] = "error"
@@ -216,7 +265,7 @@ class EvalConfig(Strict):
     max_samples: int = Field(200, ge=1)
     """Held-out rows used per evaluation."""
     max_new_tokens: int = Field(64, ge=1)
-    """Greedy generation length for exact-match accuracy."""
+    """Greedy generation length for the held-out accuracy."""
     batch_size: int = Field(32, ge=1)
     """Prompts per generate call."""
     thinking: bool | None = None
@@ -364,17 +413,17 @@ def deep_merge(base: Any, extra: Any) -> Any:
     return merged
 
 
-def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names at `loc` inside `model` (walking nested models and lists of models)."""
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model at `loc` inside `model` (walking nested models and lists of models)."""
     current: type[BaseModel] | None = model
     for part in loc:
         if isinstance(part, int):
             continue
         field = current.model_fields.get(str(part)) if current is not None else None
         if field is None:
-            return []
+            return None
         current = _inner_model(field.annotation)
-    return list(current.model_fields) if current is not None else []
+    return current
 
 
 def _inner_model(annotation: Any) -> type[BaseModel] | None:
@@ -388,20 +437,32 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    return "\n".join([f"invalid config {source}:", *_error_lines(err, model, ())])
+
+
+def _error_lines(err: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...]) -> Iterator[str]:
+    """One line per error of `err` (raised by `model`, found at `prefix` of the whole config)."""
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "<root>"
+        where = [str(p) for p in (*prefix, *loc)]
+        key = ".".join(where) or "<root>"
+        cause = e.get("ctx", {}).get("error")
         if e["type"] == "extra_forbidden":
-            valid = _valid_keys(model, loc[:-1])
+            parent = _model_at(model, loc[:-1])
+            moved = getattr(parent, "moved", {}).get(str(loc[-1]))
+            if moved is not None:
+                yield f"  {key}: {moved('.'.join([*where[:-1], '']), e['input'])}"
+                continue
+            valid = list(parent.model_fields) if parent is not None else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
-            lines.append(f"  {key}: unknown key{hint} (valid here: {', '.join(valid)})")
+            hint = f"; did you mean {'.'.join([*where[:-1], close[0]])!r}?" if close else ""
+            yield f"  {key}: unknown key{hint} (valid here: {', '.join(valid)})"
+        elif isinstance(cause, NestedConfigError):  # a plugin's arguments: report each at its own key
+            yield from _error_lines(cause.error, cause.model, (*prefix, *loc, *cause.loc))
         elif e["type"] == "value_error":  # our own cross-field rules: their text already names the keys
-            lines.append(f"  {e['ctx']['error']}" if not loc else f"  {key}: {e['ctx']['error']}")
+            yield f"  {cause}" if not loc and not prefix else f"  {key}: {cause}"
         else:
-            lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
+            yield f"  {key}: {e['msg']}"
 
 
 def validate(command: str, raw: dict[str, Any], source: str = "<dict>") -> Any:

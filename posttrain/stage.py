@@ -32,6 +32,7 @@ from posttrain.checkpoint import (
 )
 from posttrain.config import DatasetSpec, ModelConfig, TrainingStage, dump_config
 from posttrain.groups import LearnerGroup
+from posttrain.inputs import ensure_dataset, ensure_model
 from posttrain.metrics import MetricsLog, due, quiet_libraries
 from posttrain.workers import init_ray
 
@@ -60,10 +61,7 @@ class Stage(Protocol):
 
 
 def prepare_inputs(model_cfg: ModelConfig, datasets: list[DatasetSpec | None]) -> str:
-    """Build the tiny model and synthetic datasets the config asks for when missing; return the model path."""
-    from posttrain.tasks import ensure_dataset
-    from posttrain.tiny import ensure_model
-
+    """Build the model and datasets whose `build` entries the config sets when missing; return the model path."""
     model = ensure_model(model_cfg)
     model_path = str(model.resolve()) if isinstance(model, Path) else model
     for spec in datasets:

@@ -14,14 +14,13 @@ from posttrain.rewards.config import RewardsConfig, RewardSpec
 from posttrain.rewards.registry import (
     ENTRY_POINT_GROUP,
     Batch,
-    RewardLoadError,
     available_rewards,
     call_reward,
     load_reward,
     resolve_reward,
-    reward,
 )
 from posttrain.rewards.runtime import RewardPluginError, RewardResult, RewardRuntime
+from posttrain.rewards.table import RewardLoadError, reward
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from posttrain.rewards.registry import load_object, reward
+from posttrain.rewards.table import load_object, reward
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 Box = tuple[float, float, float, float]

@@ -12,122 +12,39 @@ is checked before a run starts.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import importlib
 import importlib.metadata
-import importlib.util
 import inspect
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
+from posttrain import plugins
+from posttrain.plugins import FORMS
+from posttrain.plugins import absolute_name as absolute_name  # re-exported for posttrain.rewards.runtime
+from posttrain.rewards import builtin as _registers_builtins  # noqa: F401  (the built-ins register on import)
 from posttrain.rewards.config import RewardSpec
+from posttrain.rewards.table import (
+    BUILTINS,
+    REQUIRED_COLUMNS,
+    Builtin,
+    RewardLoadError,
+    load_object,
+)
 
 ENTRY_POINT_GROUP = "posttrain.rewards"
-FORMS = "'module:function' or 'path/to/file.py:function'"
-REQUIRED_COLUMNS = "required_columns"
-"""Attribute of a reward function: the dataset columns it needs, e.g. `fn.required_columns = ("solution",)`.
-Undeclared: none."""
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class RewardLoadError(ValueError):
-    """A reward could not be found or its plugin could not be imported."""
-
-
-@dataclass(frozen=True)
-class Builtin:
-    fn: Callable[..., Any]
-    warmup: Callable[[], None] | None = None
-    """Run once per worker process before its first timed call (imports, caches)."""
-
-
-_BUILTINS: dict[str, Builtin] = {}
-
-
-def reward(
-    name: str, *, warmup: Callable[[], None] | None = None, requires: tuple[str, ...] = ()
-) -> Callable[[F], F]:
-    """Register a built-in reward under `name`, needing the dataset columns `requires`."""
-
-    def register(fn: F) -> F:
-        if name in _BUILTINS:
-            raise ValueError(f"built-in reward {name!r} is registered twice")
-        setattr(fn, REQUIRED_COLUMNS, requires)
-        _BUILTINS[name] = Builtin(fn, warmup)
-        return fn
-
-    return register
 
 
 def builtins() -> dict[str, Builtin]:
-    import posttrain.rewards.builtin  # noqa: F401  (registers on import)
-
-    return dict(_BUILTINS)
+    return dict(BUILTINS)
 
 
 def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return plugins.entry_points(ENTRY_POINT_GROUP)
 
 
 def available_rewards() -> list[str]:
     """Built-in and installed (entry-point) reward names."""
     return sorted({*builtins(), *entry_points()})
-
-
-def _is_file(target: str) -> bool:
-    return target.endswith(".py") or "/" in target
-
-
-def absolute_name(name: str) -> str:
-    """`name` with a plugin file's path made absolute (for processes that may run elsewhere)."""
-    target, _, attr = name.rpartition(":")
-    return f"{Path(target).resolve()}:{attr}" if target and _is_file(target) else name
-
-
-def load_object(ref: str) -> Any:
-    """The object named by 'module:attr' or 'path/to/file.py:attr'."""
-    target, sep, attr = ref.rpartition(":")
-    if not sep or not target or not attr:
-        raise RewardLoadError(f"{ref!r} is not of the form {FORMS}")
-    module = _import_file(Path(target)) if _is_file(target) else _import_module(target)
-    if not hasattr(module, attr):
-        raise RewardLoadError(f"reward plugin {target} has no attribute {attr!r}")
-    return getattr(module, attr)
-
-
-def _import_module(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except Exception as err:
-        raise RewardLoadError(
-            f"reward plugin module {name!r} failed to import: {type(err).__name__}: {err}"
-        ) from err
-
-
-def _import_file(path: Path) -> Any:
-    path = path.resolve()
-    if not path.is_file():
-        raise RewardLoadError(f"reward plugin file {path} does not exist")
-    # One module per file path, registered before running it so pickling and dataclasses work inside.
-    name = f"posttrain_reward_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException as err:
-        del sys.modules[name]
-        raise RewardLoadError(
-            f"reward plugin file {path} failed to import: {type(err).__name__}: {err}"
-        ) from err
-    return module
 
 
 def resolve_reward(name: str) -> Callable[..., Any]:
@@ -210,7 +127,7 @@ def load_reward(
     if kind == "auto":
         kind = "verl" if {"solution_str", "ground_truth"} <= names else "trl"
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    builtin = _BUILTINS.get(name)
+    builtin = BUILTINS.get(name)
     accepted = None if takes_any else frozenset(names)
     required = _declared_columns(name, fn) + ((ground_truth,) if kind == "verl" else ())
     return LoadedReward(

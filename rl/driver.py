@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from posttrain.data.processing import load_processing, tokenizer_of
-from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup, LogprobSource, ReferenceGroup, shard_batches
 from posttrain.objectives import Norms, StepStats, merge_stats
 from posttrain.rewards.builtin import overlong_penalty
@@ -40,6 +39,7 @@ from posttrain.rollout.episodes import (
     policy_sync,
     start_policy_engines,
 )
+from posttrain.rollout.evaluation import EvalSet
 from posttrain.stage import StageRun, prepare_inputs
 
 log = logging.getLogger("posttrain.rl")

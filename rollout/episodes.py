@@ -26,7 +26,6 @@ from posttrain.data.order import epoch_order
 from posttrain.data.processing import tokenizer_of
 from posttrain.data.prompts import EvalPrompt, build_eval_prompts
 from posttrain.data.rows import Needs
-from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
 from posttrain.rollout.engine import (
@@ -36,6 +35,7 @@ from posttrain.rollout.engine import (
     RolloutSample,
     sampled_request,
 )
+from posttrain.rollout.evaluation import EvalSet
 from posttrain.rollout.weight_sync import PROBE_ATOL, WeightSync
 from posttrain.workers import resolve_device
 

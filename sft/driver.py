@@ -20,9 +20,9 @@ from typing import Any
 from posttrain.config import SFTConfig
 from posttrain.data.processing import load_processing
 from posttrain.data.sft_dataset import SFTData, build_sft_dataset
-from posttrain.evaluation import EvalSet
 from posttrain.groups import LearnerGroup, shard_batches
 from posttrain.objectives import NLL, Norms
+from posttrain.rollout.evaluation import EvalSet
 from posttrain.stage import StageRun, prepare_inputs
 
 log = logging.getLogger("posttrain.sft")

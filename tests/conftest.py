@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_text_model(tmp_path_factory: pytest.TempPathFactory):
     """Folder of a tiny random Qwen3 with the local tokenizer, built once per session."""
-    from posttrain.tiny import build_tiny_model
+    from posttrain.synthetic.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "text", "text")
 
@@ -38,7 +38,7 @@ def tiny_text_model(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_vl_model(tmp_path_factory: pytest.TempPathFactory):
     """Folder of a tiny random Qwen3-VL with its processor, built once per session."""
-    from posttrain.tiny import build_tiny_model
+    from posttrain.synthetic.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "vl", "vl")
 

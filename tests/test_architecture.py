@@ -1,13 +1,16 @@
 """The package's import graph: layers that import only downward, no cycles, no hidden dependencies.
 
-    core      posttrain/*.py (config, data, learner and groups, checkpoints, metrics, the stage runtime)
-    services  rollout/, rewards/
-    stages    sft/, distill/, rl/
-    top       posttrain/pipeline/, posttrain/cli.py, posttrain/__main__.py
+    core       posttrain/*.py, posttrain/data/ (config, data, learner and groups, checkpoints, metrics,
+               builders, the stage runtime)
+    inputs     rewards/ (rewards and verifiers), synthetic/ (tiny models and tasks, found by name)
+    rollout    rollout/ (engines, weight sync, episodes, evaluation: it scores with the rewards)
+    stages     sft/, distill/, rl/
+    top        posttrain/pipeline/, posttrain/cli.py, posttrain/__main__.py
 
-A module may import its own layer's modules and lower layers'; a stage never imports another stage, nor a
-service another service. Function-local imports of our own modules are allowed only where they defer a
-heavy library (listed in DEFERRED, with the reason), never to hide a dependency or a cycle.
+A module may import its own layer's modules and lower layers'; a stage never imports another stage (only
+the top layer links stages), and rewards and synthetic never import each other. Function-local imports of
+our own modules are allowed only where they defer a heavy library (listed in DEFERRED, with the reason),
+never to hide a dependency or a cycle.
 """
 
 from __future__ import annotations
@@ -17,25 +20,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {
-    "rollout": "services",
-    "rewards": "services",
+    "rewards": "inputs",
+    "synthetic": "inputs",
+    "rollout": "rollout",
     "sft": "stages",
     "distill": "stages",
     "rl": "stages",
 }
-RANK = {"core": 0, "services": 1, "stages": 2, "top": 3}
+RANK = {"core": 0, "inputs": 1, "rollout": 2, "stages": 3, "top": 4}
+SIBLINGS_APART = ("inputs", "stages")
 DEFERRED = {
-    ("posttrain.cli", "posttrain.config"): "the CLI's --help must not import pydantic models it does not use",
+    ("posttrain.cli", "posttrain.pipeline.driver"): "the stages import torch: `posttrain --help` stays instant",
+    ("posttrain.cli", "posttrain.pipeline.stages"): "the stages import torch: `posttrain --help` stays instant",
     ("posttrain.learner", "posttrain.ds_checkpoint"): "imports deepspeed at module level: actors only",
 }
 
 
 def module_files() -> dict[str, Path]:
     files = {}
-    for path in sorted((ROOT / "posttrain").glob("*.py")) + sorted(
-        (ROOT / "posttrain" / "pipeline").glob("*.py")
-    ):
-        files[module_name(path.relative_to(ROOT / "posttrain"), "posttrain")] = path
+    for folder in ("", "pipeline", "data"):
+        for path in sorted((ROOT / "posttrain" / folder).glob("*.py")):
+            files[module_name(path.relative_to(ROOT / "posttrain"), "posttrain")] = path
     for package in PACKAGES:
         for path in sorted((ROOT / package).glob("*.py")):
             files[module_name(path.relative_to(ROOT / package), f"posttrain.{package}")] = path
@@ -79,12 +84,10 @@ def imports(path: Path, known: set[str]) -> list[tuple[str, bool]]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            if name.startswith("posttrain"):
-                target = name if name in known else name.rsplit(".", 1)[0]
-                if target in known:
-                    out.append((target, id(node) in local))
+            # `from package import submodule` depends on the submodule, the rest on the module itself
+            submodules = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known]
+            names = submodules if len(submodules) == len(node.names) else [node.module, *submodules]
+        out += [(name, id(node) in local) for name in names if name in known]
     return out
 
 
@@ -108,7 +111,7 @@ def test_layers_import_only_downward() -> None:
         for a, targets in edges.items()
         for b in targets
         if RANK[layer(b)] > RANK[layer(a)]
-        or (layer(a) == layer(b) in ("stages", "services") and a.split(".")[1] != b.split(".")[1])
+        or (layer(a) == layer(b) in SIBLINGS_APART and a.split(".")[1] != b.split(".")[1])
     ]
     assert not upward, "\n".join(upward)
 

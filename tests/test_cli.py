@@ -28,7 +28,7 @@ def test_options_and_overrides_in_any_order(argv: list[str], capsys: pytest.Capt
 
 
 @pytest.mark.parametrize(
-    "argv", [["rl", CONFIG, "--dryrun", "train.lr=0.5"], ["make-task", "out", "train.lr=0.5"]]
+    "argv", [["rl", CONFIG, "--dryrun", "train.lr=0.5"], ["build", "arithmetic", "--force", "out"]]
 )
 def test_unknown_arguments_are_rejected(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:

@@ -127,7 +127,7 @@ def test_help_is_fast() -> None:
         [sys.executable, "-m", "posttrain", "--help"], capture_output=True, text=True, check=True
     )
     assert time.perf_counter() - began < 1.0
-    assert "sft" in out.stdout and "make-tiny-model" in out.stdout
+    assert "sft" in out.stdout and "build" in out.stdout
 
 
 def dry_run(*overrides: str) -> subprocess.CompletedProcess[str]:

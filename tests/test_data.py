@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from posttrain.config import DataConfig, DatasetSpec, TinyTask
+from posttrain.config import DataConfig, DatasetSpec
 from posttrain.data.chat import IGNORE_INDEX, encode_sample
 from posttrain.data.errors import DataError
 from posttrain.data.files import load_split
@@ -507,7 +507,9 @@ def test_truncate_keeps_image_tokens(tmp_path: Path, proc: Any) -> None:
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> DatasetSpec:
     path = tmp_path_factory.mktemp("tasks") / "arithmetic"
-    return DatasetSpec(path=str(path), generate=TinyTask(train_size=24, test_size=6))
+    return DatasetSpec.model_validate(
+        {"path": str(path), "build": {"builder": "arithmetic", "args": {"train_size": 24, "test_size": 6}}}
+    )
 
 
 def test_packing_positions_and_coverage(arithmetic: DatasetSpec, tok: Any) -> None:

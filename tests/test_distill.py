@@ -171,7 +171,7 @@ def test_config_rules_name_the_keys() -> None:
 def test_tokenizer_mismatch_names_both_models() -> None:
     from posttrain.distill.teacher import Student, check_tokenizers
     from posttrain.distill.topk_store import tokenizer_identity
-    from posttrain.tiny import build_tokenizer
+    from posttrain.synthetic.models import build_tokenizer
 
     same, other = build_tokenizer(0), build_tokenizer(1)
     check_tokenizers(
@@ -188,8 +188,7 @@ def test_tokenizer_mismatch_names_both_models() -> None:
 
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     path = tmp_path_factory.mktemp("data") / "arithmetic"
     write_task(path, TinyTask(train_size=48, test_size=8))
@@ -198,7 +197,7 @@ def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from posttrain.tiny import build_tiny_model
+    from posttrain.synthetic.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "micro", "text", "micro")
 
@@ -276,7 +275,7 @@ def test_offline_store_resumes_mid_shard_and_matches_online(
 def test_tokenizer_mismatch_stops_before_anything_runs(
     tmp_path: Path, tiny_text_model: Path, arithmetic: Path
 ) -> None:
-    from posttrain.tiny import build_tiny_model
+    from posttrain.synthetic.models import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", "text", "micro", seed=1)
     proc = subprocess.run(
@@ -324,7 +323,7 @@ def test_vl_student_distilled_on_text_keeps_its_vision(
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from posttrain.tasks import SHAPES_PROMPT, render_shapes, shape_scene
+    from posttrain.synthetic.tasks import SHAPES_PROMPT, render_shapes, shape_scene
 
     out = tmp_path / "vl"
     _run(
@@ -382,8 +381,7 @@ def test_distilled_student_beats_sft_only_at_equal_steps(tmp_path: Path) -> None
     (same micro model, seed, prompts, steps and optimizer) trains on the dataset's own answers in both
     modes. Both are evaluated on the same held-out problems in thinking mode. Measured at 500 steps: distilled
     0.97, SFT-only 0.82 (5,264 of 8,000 teacher answers kept)."""
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     data, steps = tmp_path / "data", 500
     write_task(data, TinyTask(train_size=4000, test_size=200))

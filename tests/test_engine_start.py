@@ -183,8 +183,7 @@ def test_impossible_placement_fails_at_once(ray_cluster) -> None:
 
 @pytest.mark.integration
 def test_cli_engine_failure_exits_2_without_a_traceback(tiny_text_model: Path, tmp_path: Path) -> None:
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     data = tmp_path / "arithmetic"
     write_task(data, TinyTask(train_size=16, test_size=4))

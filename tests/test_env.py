@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.tasks import SHAPES_PROMPT, render_shapes, shape_scene
+from posttrain.synthetic.tasks import SHAPES_PROMPT, render_shapes, shape_scene
 
 LLM_ARGS = {
     "enforce_eager": True,
@@ -27,7 +27,7 @@ def test_import_vllm_and_build_qwen3vl_processor() -> None:
     # A fresh interpreter, so a torchvision already imported by another test cannot hide the failure.
     code = (
         "import vllm, torchvision\n"
-        "from posttrain.tiny import build_processor, build_tokenizer\n"
+        "from posttrain.synthetic.models import build_processor, build_tokenizer\n"
         "assert type(build_processor(build_tokenizer())).__name__ == 'Qwen3VLProcessor'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

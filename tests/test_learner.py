@@ -14,12 +14,15 @@ from typing import Any
 
 import pytest
 
-from posttrain.config import SFTConfig, TinyTask, validate
+from posttrain.config import SFTConfig, validate
 from posttrain.objectives import StepStats
 
 
 def sft_config(tmp_path: Path, model: Path, **model_changes: Any) -> SFTConfig:
-    task = {"path": str(tmp_path / "arithmetic"), "generate": TinyTask(train_size=24).model_dump()}
+    task = {
+        "path": str(tmp_path / "arithmetic"),
+        "build": {"builder": "arithmetic", "args": {"train_size": 24}},
+    }
     return validate(
         "sft",
         {

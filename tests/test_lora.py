@@ -31,7 +31,12 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
             "device": "cpu",
             "model": {"path": str(tiny_text_model), "lora": {"r": 4, "alpha": 8, "merge_on_export": True}},
             "data": {
-                "train": [{"path": str(data_dir), "generate": {"train_size": 64, "test_size": 4}}],
+                "train": [
+                    {
+                        "path": str(data_dir),
+                        "build": {"builder": "arithmetic", "args": {"train_size": 64, "test_size": 4}},
+                    }
+                ],
                 "max_length": 128,
             },
             "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "lr": 1e-2},

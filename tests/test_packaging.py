@@ -27,9 +27,10 @@ def test_wheel_contains_every_stage_under_posttrain(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("posttrain-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for stage in ("sft", "distill", "rl", "rewards", "rollout"):
+    for stage in ("sft", "distill", "rl", "rewards", "rollout", "synthetic"):
         assert f"posttrain/{stage}/__init__.py" in names
     assert "posttrain/sft/driver.py" in names and "posttrain/py.typed" in names
-    assert not any(n.startswith(("sft/", "tests/", "configs/")) for n in names)
+    assert "posttrain/synthetic/builders.py" in names
+    assert not any(n.startswith(("sft/", "synthetic/", "tests/", "configs/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "posttrain = posttrain.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -78,7 +78,7 @@ def test_pipeline_end_to_end_resumes_and_reports(tmp_path: Path) -> None:
     report are written; a second run skips the finished stages."""
     from PIL import Image
 
-    small_data = ["data.train.0.generate.train_size=800", "data.train.0.generate.test_size=16"]
+    small_data = ["data.train.0.build.args.train_size=800", "data.train.0.build.args.test_size=16"]
     quiet = ["eval.max_samples=8", "eval.every_steps=null", "checkpoint.every_steps=null"]
     pipeline = {
         "output_dir": str(tmp_path / "out"),

@@ -120,8 +120,7 @@ def _listen_addresses(pid: int) -> set[str]:
 def test_rl_as_a_ray_job_on_a_loopback_cluster_with_token_auth(
     ray_head: Head, tmp_path: Path, tiny_text_model: Path
 ) -> None:
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     listening = _listen_addresses(ray_head.proc.pid)
     assert listening and listening <= set(LOOPBACK), listening

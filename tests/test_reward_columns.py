@@ -85,7 +85,7 @@ def test_rl_run_stops_before_engines_naming_reward_and_column(
 ) -> None:
     spec = write_prompts(tmp_path)
     argv = ["rl", str(ROOT / "configs/tiny/rl.yaml"), f"output_dir={tmp_path / 'run'}", "init_from_sft=null",
-            f"model.path={tiny_text_model}", f"data.prompts.0.path={spec.path}", "data.prompts.0.generate=null",
+            f"model.path={tiny_text_model}", f"data.prompts.0.path={spec.path}", "data.prompts.0.build=null",
             "data.eval=null", "rewards.rewards=[think_format, exact_match]"]  # fmt: skip
     code = main(argv)
     err = capsys.readouterr().err

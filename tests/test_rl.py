@@ -22,8 +22,7 @@ PARITY = f"{ROOT / 'tests/plugins/token_parity.py'}:even_tokens"
 
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     path = tmp_path_factory.mktemp("data") / "arithmetic"
     write_task(path, TinyTask(train_size=64, test_size=16))
@@ -124,8 +123,7 @@ def test_a_killed_engine_ends_the_run_with_a_named_error(
 def test_vl_rl_steps_with_image_prompts(tmp_path: Path, tiny_vl_model: Path, golden) -> None:
     """Qwen3-VL: image prompts through the processor to the learners (expanded image pads, pixels) and
     the engines (one pad per image + the image); learner and engine agree on the sampled tokens."""
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     data = tmp_path / "shapes"
     write_task(data, TinyTask(name="shapes", train_size=16, test_size=8))

@@ -306,7 +306,12 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
             "device": "cpu",
             "model": {"path": str(tiny_text_model)},
             "data": {
-                "train": [{"path": str(tmp_path / "arith"), "generate": {"train_size": 32, "test_size": 4}}],
+                "train": [
+                    {
+                        "path": str(tmp_path / "arith"),
+                        "build": {"builder": "arithmetic", "args": {"train_size": 32, "test_size": 4}},
+                    }
+                ],
                 "max_length": 128,
             },
             "train": {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "lr": 1e-2},
@@ -356,7 +361,7 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from posttrain.rollout import RolloutGroup
-    from posttrain.tasks import SHAPES_PROMPT, render_shapes, shape_scene
+    from posttrain.synthetic.tasks import SHAPES_PROMPT, render_shapes, shape_scene
 
     proc = AutoProcessor.from_pretrained(tiny_vl_model)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SHAPES_PROMPT}]}]
@@ -423,7 +428,12 @@ def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path
             "device": "cpu",
             "model": {"path": str(tiny_text_model), "lora": {"r": 4, "alpha": 8}},
             "data": {
-                "train": [{"path": str(tmp_path / "arith"), "generate": {"train_size": 32, "test_size": 4}}],
+                "train": [
+                    {
+                        "path": str(tmp_path / "arith"),
+                        "build": {"builder": "arithmetic", "args": {"train_size": 32, "test_size": 4}},
+                    }
+                ],
                 "max_length": 128,
             },
             "train": {"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 2e-2},

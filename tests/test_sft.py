@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def arithmetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from posttrain.config import TinyTask
-    from posttrain.tasks import write_task
+    from posttrain.synthetic.tasks import TinyTask, write_task
 
     path = tmp_path_factory.mktemp("data") / "arithmetic"
     write_task(path, TinyTask(name="arithmetic", train_size=256, test_size=16))

@@ -29,7 +29,10 @@ def test_vl_sft_freezes_vision_tower_and_exports(tmp_path: Path, tiny_vl_model: 
             "model": {"path": str(tiny_vl_model), "freeze_vision_tower": True},
             "data": {
                 "train": [
-                    {"path": str(data), "generate": {"name": "shapes", "train_size": 32, "test_size": 4}}
+                    {
+                        "path": str(data),
+                        "build": {"builder": "shapes", "args": {"train_size": 32, "test_size": 4}},
+                    }
                 ],
                 "eval": {"path": str(data), "split": "test"},
                 "max_length": 256,

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import DatasetSpec, TinyTask
-from posttrain.tasks import carries, ensure_dataset, write_task
+from posttrain.config import DatasetSpec
+from posttrain.inputs import ensure_dataset
+from posttrain.synthetic.tasks import TinyTask, carries, write_task
 
 ARITH = TinyTask(name="arithmetic", train_size=600, test_size=100, seed=3)
 SHAPES = TinyTask(name="shapes", train_size=40, test_size=20, seed=3)
@@ -131,17 +132,22 @@ def test_deterministic_and_atomic(tmp_path: Path, arith: Path, shapes: Path) -> 
 
 
 def test_ensure_dataset(tmp_path: Path) -> None:
-    spec = DatasetSpec(path=str(tmp_path / "d"), generate=TinyTask(train_size=5, test_size=5))
+    spec = DatasetSpec.model_validate(
+        {
+            "path": str(tmp_path / "d"),
+            "build": {"builder": "arithmetic", "args": {"train_size": 5, "test_size": 5}},
+        }
+    )
     ensure_dataset(spec)
     stamp = (tmp_path / "d" / "train.parquet").stat().st_mtime_ns
     ensure_dataset(spec)  # present: left alone
     assert (tmp_path / "d" / "train.parquet").stat().st_mtime_ns == stamp
-    ensure_dataset(DatasetSpec(path=str(tmp_path / "none")))  # nothing to generate: no-op
+    ensure_dataset(DatasetSpec(path=str(tmp_path / "none")))  # nothing to build: no-op
     assert not (tmp_path / "none").exists()
 
 
 def test_shortcut_rows_keep_the_problems_and_only_their_conclusion() -> None:
-    from posttrain.tasks import task_splits
+    from posttrain.synthetic.tasks import task_splits
 
     full, short = task_splits(ARITH), task_splits(ARITH.model_copy(update={"shortcut_fraction": 0.7}))
     assert [r["messages"][0] for r in short["train"]] == [r["messages"][0] for r in full["train"]]

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import ModelConfig, TinyModel
-from posttrain.tasks import SHAPES_PROMPT, render_shapes, shape_scene
-from posttrain.tiny import SPECIAL_TOKENS, THINK_TOKENS, build_tiny_model, ensure_model
+from posttrain.config import ModelConfig
+from posttrain.inputs import ensure_model
+from posttrain.synthetic.models import SPECIAL_TOKENS, THINK_TOKENS, build_tiny_model
+from posttrain.synthetic.tasks import SHAPES_PROMPT, render_shapes, shape_scene
 
 SUM = [
     {"role": "user", "content": "What is 5+9?"},
@@ -110,7 +111,7 @@ def test_assistant_mask_is_exactly_the_assistant_spans(tok) -> None:
 
 @pytest.mark.parametrize("thinking", [True, False])
 def test_prompt_ids_prefix_full_ids(tok, thinking: bool) -> None:
-    from posttrain.tasks import TinyTask, arithmetic_splits
+    from posttrain.synthetic.tasks import TinyTask, arithmetic_splits
 
     rows = arithmetic_splits(TinyTask(train_size=50, test_size=10))["train"]
     for row in rows:
@@ -149,7 +150,7 @@ def test_vl_processor_and_forward(tiny_vl_model: Path) -> None:
 
 
 def test_build_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import posttrain.tiny as tiny
+    import posttrain.synthetic.models as tiny
 
     def crash(out: Path, *args: object) -> None:
         (out / "config.json").write_text("{}")
@@ -170,9 +171,11 @@ def test_build_is_deterministic(tmp_path: Path, tiny_text_model: Path) -> None:
 
 def test_ensure_model(tmp_path: Path, tiny_text_model: Path) -> None:
     assert ensure_model(ModelConfig(path=str(tiny_text_model))) == tiny_text_model
-    built = ensure_model(ModelConfig(path=str(tmp_path / "new"), tiny=TinyModel()))
+    built = ensure_model(
+        ModelConfig.model_validate({"path": str(tmp_path / "new"), "build": {"builder": "tiny_model"}})
+    )
     assert (built / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # no temp folder left
-    with pytest.raises(FileNotFoundError, match="model.path"):
+    with pytest.raises(FileNotFoundError, match=r"model.path .* set model.build"):
         ensure_model(ModelConfig(path=str(tmp_path / "missing")))
     assert ensure_model(ModelConfig(path="Qwen/Qwen3-0.6B")) == "Qwen/Qwen3-0.6B"

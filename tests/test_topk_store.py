@@ -199,7 +199,7 @@ def test_the_writer_rejects_malformed_rows(tmp_path: Path) -> None:
 def test_tokenizer_identity_and_mismatch(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from posttrain.tiny import build_tokenizer
+    from posttrain.synthetic.models import build_tokenizer
 
     teacher_tokenizer = build_tokenizer(seed=0)
     teacher_tokenizer.save_pretrained(tmp_path / "teacher")

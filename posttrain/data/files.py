@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import DatasetSpec
+from posttrain.data.cards import CARD
 from posttrain.data.errors import DataError
 from posttrain.data.images import undecoded_images
-from posttrain.tasks import ensure_dataset
+from posttrain.inputs import ensure_dataset
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -67,7 +68,8 @@ def load_split(spec: DatasetSpec) -> Split:
         and path.parent.is_dir()
     ):
         raise DataError(
-            f"dataset path {spec.path} does not exist (set `generate` to write a synthetic task there)"
+            f"dataset path {spec.path} does not exist (set its `build` to build a dataset there, e.g. "
+            "`build: {builder: arithmetic}` for a synthetic task)"
         )
     else:
         hub = datasets.load_dataset(spec.path, split=spec.split)
@@ -120,10 +122,10 @@ def _load_folder(path: Path, split: str) -> Split:
         f
         for folder in (path, path / "data")
         for f in folder.glob(f"{split}*")
-        if f.suffix in FILE_TYPES and (f.stem == split or f.stem.startswith(f"{split}-"))
+        if f.suffix in FILE_TYPES and (f.stem == split or f.stem.startswith(f"{split}-")) and f.name != CARD
     )
     if not files:
-        found = sorted({f.stem for f in path.iterdir() if f.suffix in FILE_TYPES})
+        found = sorted({f.stem for f in path.iterdir() if f.suffix in FILE_TYPES and f.name != CARD})
         raise DataError(
             f"{path} has no {split}.json/.jsonl/.parquet (found: {', '.join(found) or 'nothing'})"
         )

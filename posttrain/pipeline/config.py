@@ -37,9 +37,12 @@ class Variant(Strict):
 
 class PipelineEval(EngineSettings):
     path: str
-    """Dataset folder or file holding the held-out splits (rows with `solution`)."""
+    """Dataset folder or file holding the held-out splits (rows with what the verifier needs)."""
     splits: list[str] = Field(["test", "test_hard"], min_length=1)
     """Splits in the table, e.g. `test` and a harder `test_hard`."""
+    verifier: str | None = None
+    """The reward that scores an answer (named as in `rewards:`; 1.0 is correct). Default: the dataset's
+    own, from its folder's `task.json`, else `exact_match` with `solution`."""
     max_samples: int = Field(200, ge=1)
     """Rows per split."""
     max_new_tokens: int = Field(128, ge=1)

@@ -19,12 +19,12 @@ from typing import Any
 from posttrain.checkpoint import publish_file, publish_folder
 from posttrain.config import ConfigError, DatasetSpec, EvalConfig, dump_config
 from posttrain.data.processing import load_processing
-from posttrain.evaluation import EvalSet
 from posttrain.metrics import quiet_libraries
 from posttrain.pipeline.config import PipelineConfig
 from posttrain.pipeline.report import write_report
 from posttrain.pipeline.stages import run_stage
 from posttrain.rollout.engine import RolloutGroup
+from posttrain.rollout.evaluation import EvalSet
 from posttrain.workers import resolve_device
 
 log = logging.getLogger("posttrain.pipeline")
@@ -178,7 +178,7 @@ def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool
         for thinking in modes:
             row: dict[str, Any] = {"model": label, "mode": MODES[thinking]}
             for split in e.splits:
-                spec = DatasetSpec(path=e.path, split=split)
+                spec = DatasetSpec(path=e.path, split=split, verifier=e.verifier)
                 evaluation = EvalConfig(
                     max_samples=e.max_samples, max_new_tokens=e.max_new_tokens, thinking=thinking
                 )
@@ -193,7 +193,7 @@ def evaluate_model(cfg: PipelineConfig, label: str, path: Path, modes: list[bool
 
 
 def format_table(rows: list[dict[str, Any]], splits: list[str]) -> str:
-    """Held-out exact-match accuracy, one line per model and mode."""
+    """Held-out accuracy (answers the dataset's verifier accepts), one line per model and mode."""
     header = f"{'model':<14}{'mode':<14}" + "".join(f"{s:>12}" for s in splits)
     lines = [header, "-" * len(header)]
     for r in rows:

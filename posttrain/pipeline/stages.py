@@ -39,11 +39,7 @@ def run_stage(stage: str, cfg: Any) -> Path:
         run_linked_sft(init, [f"output_dir={Path(path).parent}"])
     result = RUNNERS[stage](cfg)
     if isinstance(cfg, DistillConfig) and cfg.mode == "off_policy" and cfg.off_policy.then_sft:
-        data = f"data.train=[{{path: '{result}', split: train, thinking: column}}]"
-        student = [f"model.path={Path(cfg.model.path).resolve()}", "model.tiny=null", data]
-        result = run_linked_sft(
-            cfg.off_policy.then_sft, [f"output_dir={Path(cfg.output_dir).resolve() / 'sft'}", *student]
-        )
+        result = run_linked_sft(cfg.off_policy.then_sft, student_sft_wiring(cfg, result))
     return result
 
 
@@ -53,7 +49,7 @@ def student_sft_wiring(cfg: DistillConfig, data: Path) -> list[str]:
     return [
         f"output_dir={Path(cfg.output_dir).resolve() / 'sft'}",
         f"model.path={model.resolve() if model.exists() else cfg.model.path}",
-        "model.tiny=null",
+        "model.build=null",
         f"data.train=[{{path: '{data}', split: train, thinking: column}}]",
     ]
 

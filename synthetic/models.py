@@ -1,4 +1,5 @@
-"""Tiny random Qwen3 / Qwen3-VL models with a locally trained tokenizer, for tests and the CPU demo.
+"""Tiny random Qwen3 / Qwen3-VL models with a locally trained tokenizer, for tests and the CPU demo
+(the `tiny_model` builder, see posttrain.synthetic.builders).
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained on the synthetic tasks' text, the weights
 are random (seeded) and the folder is a normal Hugging Face checkpoint that transformers and vLLM load.
@@ -13,8 +14,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.config import ModelConfig
-from posttrain.tasks import corpus
+from posttrain.config import Strict
+from posttrain.synthetic.tasks import corpus
+
+Kind = Literal["text", "vl"]
+Size = Literal["micro", "tiny", "small"]
+
+
+class TinyModel(Strict):
+    """The `tiny_model` builder's arguments: which tiny random model to build at `model.path`."""
+
+    kind: Kind = "text"
+    """`text` builds a Qwen3, `vl` a Qwen3-VL."""
+    size: Size = "tiny"
+    """`micro`: ~0.2M parameters (a distillation student); `tiny`: ~1M for tests and the demo; `small`:
+    ~10M for benchmarks. All sizes share the tokenizer of a given `seed`."""
+    seed: int = 0
+    """Seed for tokenizer corpus order and weight initialisation."""
+
 
 # Ids 0..6 in this order; <think>/</think> are added last and, as in Qwen3, are not "special", so decoding
 # with skip_special_tokens keeps them and reasoning can be parsed from generated text.
@@ -217,8 +234,8 @@ def _write(out: Path, kind: str, size: str, seed: int) -> None:
 
 def build_tiny_model(
     out_dir: str | Path,
-    kind: Literal["text", "vl"],
-    size: Literal["micro", "tiny", "small"] = "tiny",
+    kind: Kind,
+    size: Size = "tiny",
     seed: int = 0,
 ) -> Path:
     """Write a complete random Qwen3 (`text`) or Qwen3-VL (`vl`) folder at `out_dir`, atomically."""
@@ -235,18 +252,3 @@ def build_tiny_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def ensure_model(model_cfg: ModelConfig) -> Path | str:
-    """A local model folder (built first if `model.tiny` asks for it), or the hub id unchanged."""
-    path = Path(model_cfg.path).expanduser()
-    if path.exists():
-        return path
-    if model_cfg.tiny is not None:
-        t = model_cfg.tiny
-        return build_tiny_model(path, t.kind, t.size, t.seed)
-    if model_cfg.path.startswith((".", "/", "~")) or path.parent != Path(".") and path.parent.exists():
-        raise FileNotFoundError(
-            f"model.path {model_cfg.path!r} does not exist; set model.tiny to build a tiny model there"
-        )
-    return model_cfg.path

@@ -2,6 +2,9 @@
 
 Every row has `messages` (user prompt, assistant answer with `reasoning_content`), `solution` (the exact
 answer string) and `difficulty`; shape rows also have `images`. Everything is deterministic from the seed.
+Each task names the reward that verifies it (`VERIFIERS`), written beside the splits as the folder's
+`task.json`, so evaluation scores the task with its own verifier (the `arithmetic` and `shapes` builders,
+see posttrain.synthetic.builders).
 """
 
 from __future__ import annotations
@@ -13,9 +16,43 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from posttrain.config import DatasetSpec, TinyTask
+from pydantic import Field
+
+from posttrain.config import Strict
+from posttrain.data.cards import TaskCard, write_card
+
+TaskName = Literal["arithmetic", "shapes"]
+VERIFIERS: dict[str, str] = {"arithmetic": "exact_match", "shapes": "exact_match"}
+"""Each task's verifier, a reward name: the answer after the thinking must equal `solution` (up to
+whitespace runs), what held-out accuracy has always measured on these tasks."""
+
+
+class TaskArgs(Strict):
+    """A synthetic task builder's arguments (`arithmetic`, `shapes`): sizes, seed and SFT shortcuts."""
+
+    train_size: int = Field(2000, ge=1)
+    """Rows in the train split."""
+    test_size: int = Field(200, ge=1)
+    """Rows in each held-out split."""
+    seed: int = 0
+    """Generation seed."""
+    shortcut_fraction: float = Field(0.0, ge=0, le=1)
+    """Fraction of train rows whose reasoning skips the working and keeps only its conclusion (`answer
+    N`, `N shapes.`): an SFT set that rarely shows its work, for a weak start that RL can improve."""
+
+
+class TinyTask(TaskArgs):
+    """A synthetic verifiable task: which one, and its builder's arguments."""
+
+    name: TaskName = "arithmetic"
+    """`arithmetic`: multi-digit addition with digit-by-digit working; `shapes`: count shapes in an image."""
+
+    def args(self) -> dict[str, Any]:
+        """The builder arguments (everything but `name`)."""
+        return self.model_dump(mode="json", exclude={"name"})
+
 
 ADD_PROMPTS = (
     "What is {a}+{b}?",
@@ -218,7 +255,8 @@ def _features(name: str) -> Any:
 
 
 def write_task(path: str | Path, task: TinyTask) -> None:
-    """Write `path/<split>.parquet` for every split of `task`; the folder appears only when complete."""
+    """Write `path/<split>.parquet` for every split of `task` and its `task.json` (the verifier, and the
+    `build` entry that makes it again); the folder appears only when complete."""
     from datasets import Dataset
 
     path = Path(path)
@@ -229,15 +267,11 @@ def write_task(path: str | Path, task: TinyTask) -> None:
     try:
         for split, rows in splits.items():
             Dataset.from_list(rows, features=_features(task.name)).to_parquet(str(tmp / f"{split}.parquet"))
+        card = TaskCard(verifier=VERIFIERS[task.name], build={"builder": task.name, "args": task.args()})
+        write_card(tmp, card)
         os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def ensure_dataset(spec: DatasetSpec) -> None:
-    """Write the synthetic task behind `spec` if its path is missing and `generate` is set."""
-    if spec.generate is not None and not Path(spec.path).exists():
-        write_task(spec.path, spec.generate)
 
 
 def corpus(seed: int = 0, n: int = 3000) -> Iterator[tuple[str, str, str]]:

@@ -1,13 +1,69 @@
-"""Held-out exact-match accuracy by greedy generation on the learners (HF generate) or the engines (vLLM)."""
+"""Held-out accuracy by greedy generation on the learners (HF generate) or the engines (vLLM), scored by
+the dataset's verifier: a reward (named as in `rewards:`) whose 1.0 marks a correct answer. The verifier is
+the dataset spec's `verifier`, else the task's own (its folder's `task.json`, or its builder's), else
+`exact_match` with `solution`. It is called in this process, once per evaluation, on every answer."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import DatasetSpec, EvalConfig
+from posttrain.data.cards import dataset_verifier
+from posttrain.data.processing import tokenizer_of
+from posttrain.data.prompts import build_eval_prompts
+from posttrain.groups import LearnerGroup
+from posttrain.rewards.registry import Batch, LoadedReward, call_reward, load_reward
+from posttrain.rewards.runtime import check_values
+from posttrain.rewards.table import RewardLoadError
+from posttrain.rollout.engine import RolloutGroup, RolloutRequest
+
+
+class VerifierError(RuntimeError):
+    """The evaluation's verifier raised or returned something that is not one score per answer."""
+
+
+@dataclass
+class Verifier:
+    """The reward that scores held-out answers, and where it was chosen (for messages)."""
+
+    name: str
+    source: str
+    reward: LoadedReward
+
+    @classmethod
+    def load(cls, name: str, source: str = "the default") -> Verifier:
+        try:
+            return cls(name, source, load_reward(name))
+        except RewardLoadError as err:
+            raise RewardLoadError(f"evaluation verifier {name!r} (from {source}): {err}") from None
+
+    @property
+    def needs(self) -> dict[str, str]:
+        """Columns every evaluation row must have, as data loading names who needs them."""
+        return {column: f"the evaluation's verifier {self.name!r}" for column in self.reward.required}
+
+    def accepts(self, texts: list[str], prompts: list[Any], completions: list[list[int]]) -> list[bool]:
+        """Whether the verifier gives each answer full credit (1.0); `prompts` are `data.EvalPrompt`s."""
+        names = dict.fromkeys(k for p in prompts for k in p.extra)
+        columns: dict[str, list[Any]] = {k: [p.extra.get(k) for p in prompts] for k in names}
+        columns.setdefault("solution", [p.solution for p in prompts])  # rows without one: ""
+        batch = Batch(texts, [p.prompt_text for p in prompts], completions, columns)
+        try:
+            checked = check_values(call_reward(self.reward, batch), len(batch))
+        except Exception as err:
+            raise VerifierError(
+                f"evaluation verifier {self.name!r} (from {self.source}) failed: {type(err).__name__}: {err}"
+            ) from err
+        if checked.message is not None:
+            raise VerifierError(f"evaluation verifier {self.name!r} (from {self.source}) {checked.message}")
+        return [v is not None and v >= 1.0 for v in checked.values]
+
+
+def default_verifier() -> Verifier:
+    return Verifier.load("exact_match")
 
 
 @dataclass
@@ -17,19 +73,19 @@ class EvalSet:
     tokenizer: Any
     eos_id: int
     pad_id: int
+    verifier: Verifier = field(default_factory=default_verifier)
 
     @classmethod
     def build(cls, spec: DatasetSpec, cfg: EvalConfig, processing: Any, is_vl: bool) -> EvalSet:
-        from posttrain.data.processing import tokenizer_of
-        from posttrain.data.prompts import build_eval_prompts
 
+        verifier = Verifier.load(*dataset_verifier(spec))
         tok = tokenizer_of(processing)
-        prompts = build_eval_prompts(spec, processing, cfg.thinking, cfg.max_samples)
+        prompts = build_eval_prompts(spec, processing, cfg.thinking, cfg.max_samples, needs=verifier.needs)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return cls(prompts, cfg, tok, tok.convert_tokens_to_ids("<|im_end|>"), pad)
+        return cls(prompts, cfg, tok, tok.convert_tokens_to_ids("<|im_end|>"), pad, verifier)
 
-    def evaluate(self, learners: Any) -> dict[str, float]:
-        """Generate on every learner (each takes a contiguous shard), then score by exact match."""
+    def evaluate(self, learners: LearnerGroup) -> dict[str, float]:
+        """Generate on every learner (each takes a contiguous shard), then score with the verifier."""
         world = len(learners)
         per_rank = math.ceil(len(self.prompts) / world)
         # Equal shard sizes keep ranks in lockstep (ZeRO-3 gathers parameters collectively);
@@ -40,10 +96,8 @@ class EvalSet:
         outputs = learners.generate(batches, self.cfg.max_new_tokens, self.eos_id)
         return self.score(outputs[: len(self.prompts)])
 
-    def evaluate_on_engines(self, engines: Any) -> dict[str, float]:
+    def evaluate_on_engines(self, engines: RolloutGroup) -> dict[str, float]:
         """Greedy generation on the rollout engines (RL: they serve the current weights), same scoring."""
-        from posttrain.rollout import RolloutRequest
-
         tok = self.tokenizer
         requests = [
             RolloutRequest(
@@ -67,13 +121,12 @@ class EvalSet:
         ]
 
     def score(self, completions: list[list[int]]) -> dict[str, float]:
-        from posttrain.rewards.builtin import exact_match
-
+        """Accuracy (overall and per chat mode), response length and truncation of `completions`."""
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in completions]
+        accepted = self.verifier.accepts(texts, self.prompts, completions) if texts else []
         hits: dict[str, list[bool]] = defaultdict(list)
         lengths, truncated = [], 0
-        for prompt, ids in zip(self.prompts, completions, strict=True):
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            hit = exact_match([text], [prompt.solution], prompts=[prompt.prompt_text])[0] == 1.0
+        for prompt, ids, hit in zip(self.prompts, completions, accepted, strict=True):
             hits["all"].append(hit)
             hits[prompt.mode].append(hit)
             lengths.append(len(ids))

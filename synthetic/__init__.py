@@ -1,0 +1,10 @@
+"""posttrain.synthetic: tiny random Qwen3 / Qwen3-VL models and synthetic verifiable tasks, built locally
+(no downloads) for tests, benchmarks and the CPU demo.
+
+    models    tiny models with a locally trained tokenizer (`build_tiny_model`, `TinyModel`)
+    tasks     addition and shape counting written as parquet splits with their task card (`write_task`)
+    builders  the `tiny_model`, `arithmetic` and `shapes` builders that configs name under `build:`
+
+Nothing in the core package imports this one: configs reach it through the builder names (see
+posttrain.builders), and each task names the reward that verifies it.
+"""

@@ -1,0 +1,39 @@
+"""The built-in builders: what `build: {builder: NAME, args: {...}}` under `model` or a dataset spec makes.
+
+    model:
+      path: runs/models/tiny-text
+      build: {builder: tiny_model, args: {kind: text, size: tiny}}
+    data:
+      train:
+        - path: runs/data/arithmetic
+          build: {builder: arithmetic, args: {train_size: 8000, test_size: 200}}
+
+Imports only pydantic and the standard library (configs resolve these while they validate); the model and
+dataset code loads torch, transformers and datasets when a builder runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.builders import builder
+from posttrain.synthetic.models import TinyModel, build_tiny_model
+from posttrain.synthetic.tasks import VERIFIERS, TaskArgs, TinyTask, write_task
+
+
+@builder("tiny_model", makes="model", args=TinyModel)
+def tiny_model(path: Path, args: TinyModel) -> None:
+    """A tiny random Qwen3 (`kind: text`) or Qwen3-VL (`kind: vl`) with its tokenizer."""
+    build_tiny_model(path, args.kind, args.size, args.seed)
+
+
+@builder("arithmetic", makes="dataset", args=TaskArgs, verifier=VERIFIERS["arithmetic"])
+def arithmetic(path: Path, args: TaskArgs) -> None:
+    """Multi-digit addition with digit-by-digit working: train, test, test_hard, test_long."""
+    write_task(path, TinyTask(name="arithmetic", **args.model_dump()))
+
+
+@builder("shapes", makes="dataset", args=TaskArgs, verifier=VERIFIERS["shapes"])
+def shapes(path: Path, args: TaskArgs) -> None:
+    """Count the shapes (1-4) in a rendered 96x96 image: train, test."""
+    write_task(path, TinyTask(name="shapes", **args.model_dump()))
