@@ -27,9 +27,9 @@ test: setup
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra --durations=30
 
-test-fast: setup  # the unit tier (pure functions, configs, data): a few minutes
+test-fast: setup  # the unit tier, tests/unit (pure functions, configs, data): under a minute
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not integration and not slow"
+	$(PY) -m pytest -q tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check .

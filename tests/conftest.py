@@ -6,11 +6,32 @@ import pytest
 LONG_TESTS = {"test_distilled_student_beats_sft_only_at_equal_steps"}
 """Over 10 minutes on 2 cores (several full SFT runs): run with POSTTRAIN_LONG_TESTS=1."""
 
+TESTS = Path(__file__).parent
+TIERS = {
+    "unit": (),
+    "integration": (pytest.mark.integration,),
+    "learning": (pytest.mark.integration, pytest.mark.slow),
+}
+"""The tier of a test is its folder: tests/integration/ is real Ray / DeepSpeed / vLLM on tiny models,
+tests/learning/ is learning runs (minutes); `-m "not integration and not slow"` selects tests/unit/."""
 
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests run only where CUDA is present; CI and laptops skip them. LONG_TESTS run on request."""
+    """Each test gets its folder's tier markers. `gpu` tests run only where CUDA is present; CI and
+    laptops skip them. LONG_TESTS run on request."""
     import os
 
+    for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue
+        tier = item.path.relative_to(TESTS).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: a test module belongs in one of tests/{{{','.join(TIERS)}}}/"
+            )
+        for mark in TIERS[tier]:
+            item.add_marker(mark)
     if os.environ.get("POSTTRAIN_LONG_TESTS") != "1":
         for item in items:
             if item.name in LONG_TESTS:

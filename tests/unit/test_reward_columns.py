@@ -19,8 +19,8 @@ from posttrain.rewards import RewardLoadError, RewardsConfig
 from posttrain.rewards.registry import required_columns
 from posttrain.rollout.episodes import build_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
-PLUGINS = Path(__file__).parent / "plugins"
+ROOT = Path(__file__).resolve().parents[2]
+PLUGINS = Path(__file__).parents[1] / "plugins"
 ANSWER_MATCH = f"{PLUGINS / 'trl_style.py'}:answer_match"
 PROMPTS = [
     {"messages": [{"role": "user", "content": "What is 2+3?"}], "answer": "5"},

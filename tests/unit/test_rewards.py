@@ -32,7 +32,7 @@ from posttrain.rewards.builtin import (
     think_format,
 )
 
-PLUGINS = Path(__file__).parent / "plugins"
+PLUGINS = Path(__file__).parents[1] / "plugins"
 
 
 def test_import_is_light() -> None:

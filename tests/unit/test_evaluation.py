@@ -17,7 +17,7 @@ from posttrain.rewards.builtin import exact_match
 from posttrain.rewards.table import RewardLoadError
 from posttrain.rollout.evaluation import EvalSet, VerifierError
 
-PLUGINS = Path(__file__).resolve().parent / "plugins"
+PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 LENIENT = f"{PLUGINS / 'builders.py'}:last_number"
 CFG = EvalConfig(max_samples=10, max_new_tokens=16)
 

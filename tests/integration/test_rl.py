@@ -14,9 +14,7 @@ import pytest
 
 from posttrain.metrics import read_metrics
 
-pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARITY = f"{ROOT / 'tests/plugins/token_parity.py'}:even_tokens"
 
 

@@ -16,7 +16,7 @@ from posttrain.builders import BuilderLoadError, BuildError, available_builders,
 from posttrain.config import ConfigError, DatasetSpec, validate
 from posttrain.inputs import ensure_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "tests" / "plugins" / "builders.py"
 MINIMAL = {"output_dir": "o", "model": {"path": "m"}, "data": {"train": [{"path": "d"}]}}
 

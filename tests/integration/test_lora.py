@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from posttrain.config import validate
-
-pytestmark = pytest.mark.integration
 
 
 def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Path) -> None:

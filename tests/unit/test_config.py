@@ -9,7 +9,7 @@ import pytest
 
 from posttrain.config import ConfigError, load_config, parse_overrides, validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Every config a command reads (configs/ray/ holds Ray's runtime-env files, not posttrain configs).
 SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "ray" not in p.relative_to(ROOT).parts)
 MINIMAL = {"output_dir": "o", "model": {"path": "m"}, "data": {"train": [{"path": "d"}]}}

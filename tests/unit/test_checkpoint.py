@@ -39,7 +39,7 @@ from posttrain.checkpoint import (
     verify_checkpoint,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def assert_identical(a: Any, b: Any, path: str = "state") -> None:

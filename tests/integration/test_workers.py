@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.integration
-
 LISTENERS = """
 import json, psutil
 from posttrain.workers import init_ray

@@ -9,7 +9,7 @@ import yaml
 
 from posttrain.cli import main
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs/tiny/rl.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs/tiny/rl.yaml")
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,7 @@ import pytest
 from posttrain.config import deep_merge, validate
 from posttrain.metrics import read_metrics
 
-pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {
     "rewards": "inputs",
     "synthetic": "inputs",
@@ -30,8 +30,14 @@ PACKAGES = {
 RANK = {"core": 0, "inputs": 1, "rollout": 2, "stages": 3, "top": 4}
 SIBLINGS_APART = ("inputs", "stages")
 DEFERRED = {
-    ("posttrain.cli", "posttrain.pipeline.driver"): "the stages import torch: `posttrain --help` stays instant",
-    ("posttrain.cli", "posttrain.pipeline.stages"): "the stages import torch: `posttrain --help` stays instant",
+    (
+        "posttrain.cli",
+        "posttrain.pipeline.driver",
+    ): "the stages import torch: `posttrain --help` stays instant",
+    (
+        "posttrain.cli",
+        "posttrain.pipeline.stages",
+    ): "the stages import torch: `posttrain --help` stays instant",
     ("posttrain.learner", "posttrain.ds_checkpoint"): "imports deepspeed at module level: actors only",
 }
 

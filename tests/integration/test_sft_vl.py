@@ -5,12 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from posttrain.config import validate
 from posttrain.metrics import read_metrics
-
-pytestmark = pytest.mark.integration
 
 
 def test_vl_sft_freezes_vision_tower_and_exports(tmp_path: Path, tiny_vl_model: Path, golden) -> None:

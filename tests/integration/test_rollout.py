@@ -18,79 +18,8 @@ from posttrain.groups import LearnerGroup
 from posttrain.rollout import Probe, RolloutRequest, WeightSyncError, logprob_mismatch
 from posttrain.stage import prepare_inputs
 from posttrain.weights import SyncManifest, iter_buckets, put_buckets
-from posttrain.workers import split_evenly
 
 ENGINE_ARGS = {"gpu_memory_utilization": 0.08, "max_model_len": 512, "seed": 0}
-
-
-# ----------------------------------------------------------------------------------------- pure parts
-
-
-def test_logprob_mismatch_hand_computed() -> None:
-    engine = [[-1.0, -2.0], [-0.5]]
-    learner = [[-1.1, -2.0], [-0.2]]
-    m = logprob_mismatch(engine, learner)
-    assert m["max_abs"] == pytest.approx(0.3)
-    assert m["mean_abs"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)
-    assert m["tokens"] == 3
-    masked = logprob_mismatch(engine, learner, mask=[[True, True], [False]])
-    assert masked["max_abs"] == pytest.approx(0.1) and masked["mean_abs"] == pytest.approx(0.05)
-    flat = logprob_mismatch(torch.tensor([0.0, -1.0]), [0.5, -1.0])
-    assert flat == {"mean_abs": 0.25, "max_abs": 0.5, "tokens": 2.0}
-    with pytest.raises(ValueError):
-        logprob_mismatch([[0.0]], [[0.0, 1.0]])
-
-
-class _Fixed:
-    """Learners / engines answering the probe with fixed logprobs (per engine), for the pure parts."""
-
-    def __init__(self, *results: list[list[float]]) -> None:
-        self.results, self.name = list(results), "rollout"
-
-    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        return self.results[0][0]
-
-    def prompt_logprobs_each(self, token_ids: list[list[int]]) -> list[list[list[float]]]:
-        return self.results
-
-
-def test_probe_calibrated_on_identical_weights() -> None:
-    """bf16 kernels differ by more than any fixed float32 bound: the tolerance is the dtype's atol plus
-    twice the difference measured on the starting weights; a baseline over 10 × atol is another model."""
-    from posttrain.rollout.weight_sync import PROBE_ATOL, calibrate_probe
-
-    learners = _Fixed([[-1.0, -2.0, -0.5]])
-    engines = _Fixed([[-1.03, -2.0, -0.52]], [[-1.0, -2.01, -0.5]])  # two engines: the larger counts
-    baseline, tolerance = calibrate_probe(learners, engines, [1, 2, 3, 4], PROBE_ATOL["bfloat16"])  # type: ignore[arg-type]
-    assert baseline == pytest.approx(0.03) and tolerance == pytest.approx(0.05 + 2 * 0.03)
-    assert calibrate_probe(learners, _Fixed([[-1.0, -2.0, -0.5]]), [1, 2, 3, 4], 1e-4) == (0.0, 1e-4)
-    with pytest.raises(WeightSyncError, match="differ by 0.03 on the same weights"):
-        calibrate_probe(learners, engines, [1, 2, 3, 4], PROBE_ATOL["float32"])
-
-
-def test_split_evenly_and_buckets() -> None:
-    assert split_evenly(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
-    assert split_evenly([1], 3) == [[1], [], []]
-    assert split_evenly(list("abcd"), 2, weights=[3, 1, 1, 1]) == [["a"], ["b", "c", "d"]]
-    assert split_evenly(list("abcd"), 2, weights=[1, 1, 1, 3]) == [["a", "b", "c"], ["d"]]
-    assert split_evenly(list("abc"), 4, weights=[1, 2, 3]) == [["a", "b"], [], ["c"], []]
-    tensors = [(f"t{i}", torch.ones(256)) for i in range(10)]  # 1 KiB each
-    buckets = list(iter_buckets(tensors, bucket_mb=3 / 1024))
-    assert [len(b) for b in buckets] == [3, 3, 3, 1]
-    assert [n for b in buckets for n, _ in b] == [n for n, _ in tensors]
-    manifest = SyncManifest()
-    for b in buckets:
-        for n, t in b:
-            manifest.add(n, t)
-    received = dict(manifest.checksums)
-    assert manifest.compare(received) is None
-    received["t3"] += 1.0
-    assert "t3" in (manifest.compare(received) or "")
-    del received["t4"]
-    assert "missing ['t4']" in (manifest.compare(received) or "")
-
-
-# ------------------------------------------------------------------------------------------- engines
 
 
 def hf_token_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
@@ -141,7 +70,6 @@ def hf_model(tiny_text_model: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(tiny_text_model, dtype=torch.float32).eval()
 
 
-@pytest.mark.integration
 def test_generate_n_samples_logprobs_finish_reasons(engines: Any, tok: Any) -> None:
     prompts = [chat_ids(tok, f"What is {a}+{a}?") for a in range(5)]
     reqs = [
@@ -171,7 +99,6 @@ def test_generate_n_samples_logprobs_finish_reasons(engines: Any, tok: Any) -> N
     print(f"\n5 prompts × 3 samples × 4 tokens on 2 engines: {elapsed:.2f} s")
 
 
-@pytest.mark.integration
 def test_sampled_logprobs_equal_hf_fp32(engines: Any, tok: Any, hf_model: torch.nn.Module) -> None:
     prompt = chat_ids(tok, "What is 12+34?")
     push(engines, hf_model, version=1, probe_ids=prompt)  # the original weights, whatever ran before
@@ -183,7 +110,6 @@ def test_sampled_logprobs_equal_hf_fp32(engines: Any, tok: Any, hf_model: torch.
     assert res.weight_version == 1
 
 
-@pytest.mark.integration
 def test_weight_update_serves_new_version(engines: Any, tok: Any, tiny_text_model: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -213,7 +139,6 @@ def test_weight_update_serves_new_version(engines: Any, tok: Any, tiny_text_mode
     print(f"\nsync {mb:.1f} MB to 2 engines: {sync_s:.2f} s ({mb / sync_s:.0f} MB/s per engine incl. probe)")
 
 
-@pytest.mark.integration
 def test_corrupted_sync_raises_naming_version(engines: Any, tok: Any, hf_model: torch.nn.Module) -> None:
     prompt = chat_ids(tok, "What is 1+1?")
     push(engines, hf_model, version=3, probe_ids=prompt)
@@ -240,7 +165,6 @@ def test_corrupted_sync_raises_naming_version(engines: Any, tok: Any, hf_model: 
     assert engines.generate([RolloutRequest(prompt, max_tokens=2)])[0].weight_version == 6
 
 
-@pytest.mark.integration
 def test_sync_timeout_raises(engines: Any, hf_model: torch.nn.Module, tok: Any) -> None:
     import ray
 
@@ -260,7 +184,6 @@ def test_sync_timeout_raises(engines: Any, hf_model: torch.nn.Module, tok: Any) 
     push(engines, hf_model, version=8, probe_ids=chat_ids(tok, "What is 2+2?"))  # re-sync recovers
 
 
-@pytest.mark.integration
 def test_thinking_budget_closes_think_block(engines: Any, tok: Any, hf_model: torch.nn.Module) -> None:
     end_ids = engines.info()[0]["think_end_ids"]
     assert tok.decode(end_ids) == "</think>\n\n"
@@ -289,7 +212,6 @@ def test_thinking_budget_closes_think_block(engines: Any, tok: Any, hf_model: to
     assert plain[-len(end_ids) :] == end_ids
 
 
-@pytest.mark.integration
 def test_deepspeed_learner_sync_matches_token_logprobs(
     engines: Any, tmp_path: Path, tiny_text_model: Path
 ) -> None:
@@ -352,7 +274,6 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
         learners.shutdown()
 
 
-@pytest.mark.integration
 def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
     """Qwen3-VL: prompt ids with one image pad + the image in, vLLM expands the pads as the HF processor
     does; after a sync of perturbed weights the sampled logprobs equal the HF forward's."""
@@ -413,7 +334,6 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
         assert logprob_mismatch(s.logprobs, hf)["max_abs"] < 1e-4
 
 
-@pytest.mark.integration
 def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path) -> None:
     from posttrain.config import validate
     from posttrain.data.processing import load_processing

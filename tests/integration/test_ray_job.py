@@ -25,9 +25,7 @@ import yaml
 from posttrain.metrics import read_metrics
 from posttrain.workers import free_port
 
-pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, `posttrain`
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 JOB_TIMEOUT_S = 480
