@@ -16,6 +16,7 @@ from posttrain.config import (
     SFTInit,
     Strict,
     TrainingStage,
+    check_fits,
 )
 from posttrain.rewards.config import RewardsConfig
 from posttrain.rollout.config import RolloutConfig, SamplingConfig
@@ -183,30 +184,27 @@ class DistillConfig(TrainingStage):
                     f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
                     f"rollout.samples_per_prompt ({self.rollout.samples_per_prompt})"
                 )
-            limit = self.data.max_prompt_length + self.rollout.max_tokens
-            for key, value in (
-                ("rollout", self.rollout.max_model_len),
-                ("teacher", self.teacher.max_model_len),
-            ):
-                if limit > value:
-                    raise ValueError(
-                        f"data.max_prompt_length + rollout.max_tokens ({limit}) exceeds {key}.max_model_len "
-                        f"({value})"
-                    )
+            sampled = {
+                "data.max_prompt_length": self.data.max_prompt_length,
+                "rollout.max_tokens": self.rollout.max_tokens,
+            }
+            check_fits(sampled, "rollout.max_model_len", self.rollout.max_model_len)
+            check_fits(sampled, "teacher.max_model_len", self.teacher.max_model_len)
             if loss.nll_weight:
                 raise ValueError(
                     "loss.nll_weight needs gold responses: mode offline or online, not on_policy"
                 )
-        if mode in ("offline", "online") and self.data.max_length > self.teacher.max_model_len:
-            raise ValueError(
-                f"data.max_length ({self.data.max_length}) exceeds teacher.max_model_len "
-                f"({self.teacher.max_model_len}): the teacher must score whole sequences"
+        if mode in ("offline", "online"):
+            check_fits(
+                {"data.max_length": self.data.max_length},
+                "teacher.max_model_len",
+                self.teacher.max_model_len,
+                ": the teacher must score whole sequences",
             )
         if mode == "off_policy":
-            limit = self.data.max_prompt_length + self.off_policy.max_tokens
-            if limit > self.teacher.max_model_len:
-                raise ValueError(
-                    f"data.max_prompt_length + off_policy.max_tokens ({limit}) exceeds teacher.max_model_len "
-                    f"({self.teacher.max_model_len})"
-                )
+            generated = {
+                "data.max_prompt_length": self.data.max_prompt_length,
+                "off_policy.max_tokens": self.off_policy.max_tokens,
+            }
+            check_fits(generated, "teacher.max_model_len", self.teacher.max_model_len)
         return self

@@ -297,6 +297,14 @@ class RayConfig(Strict):
     """CPUs for a local cluster (default: what the job needs, at least the machine's count)."""
 
 
+def check_fits(lengths: dict[str, int], engine_key: str, context: int, why: str = "") -> None:
+    """ValueError naming the keys unless the lengths (config key -> tokens) fit an engine's context."""
+    total = sum(lengths.values())
+    if total > context:
+        named = " + ".join(lengths)
+        raise ValueError(f"{named} ({total}) exceeds {engine_key} ({context}){why}")
+
+
 class TrainingStage(Strict):
     """What every stage that trains on DeepSpeed learners has; subclasses add data and `train`."""
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import DatasetSpec, OptimConfig, SFTInit, Strict, TrainingStage
+from posttrain.config import DatasetSpec, OptimConfig, SFTInit, Strict, TrainingStage, check_fits
 from posttrain.rewards.config import RewardsConfig
 from posttrain.rollout.config import RolloutConfig
 
@@ -204,10 +204,9 @@ class RLConfig(TrainingStage):
         keys = [spec.key for spec in self.rewards.rewards]
         if self.train.accuracy_reward is not None and self.train.accuracy_reward not in keys:
             raise ValueError(f"train.accuracy_reward {self.train.accuracy_reward!r} is not one of {keys}")
-        limit = self.data.max_prompt_length + self.rollout.max_tokens
-        if limit > self.rollout.max_model_len:
-            raise ValueError(
-                f"data.max_prompt_length + rollout.max_tokens ({limit}) exceeds rollout.max_model_len "
-                f"({self.rollout.max_model_len})"
-            )
+        sampled = {
+            "data.max_prompt_length": self.data.max_prompt_length,
+            "rollout.max_tokens": self.rollout.max_tokens,
+        }
+        check_fits(sampled, "rollout.max_model_len", self.rollout.max_model_len)
         return self

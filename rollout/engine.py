@@ -573,22 +573,17 @@ def _prompt(r: RolloutRequest) -> dict[str, Any]:
     return p
 
 
+VLLM_SAMPLING = (
+    *("n", "max_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "seed"),
+    *("logprobs", "prompt_logprobs", "ignore_eos"),
+)
+"""RolloutRequest fields that are vLLM SamplingParams of the same name."""
+
+
 def _params(r: RolloutRequest) -> Any:
     from vllm import SamplingParams
 
-    return SamplingParams(
-        n=r.n,
-        max_tokens=r.max_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        stop_token_ids=r.stop_token_ids,
-        seed=r.seed,
-        logprobs=r.logprobs,
-        prompt_logprobs=r.prompt_logprobs,
-        ignore_eos=r.ignore_eos,
-        skip_special_tokens=True,
-    )
+    return SamplingParams(**{key: getattr(r, key) for key in VLLM_SAMPLING}, skip_special_tokens=True)
 
 
 TokenScores = tuple[Any, Any, Any]
