@@ -18,7 +18,13 @@ from posttrain.data.order import epoch_order
 from posttrain.data.processing import load_processing, tokenizer_of
 from posttrain.distill.batch import Sequence, encode_sequences
 from posttrain.distill.config import MAX_TOP_K, DistillConfig
-from posttrain.distill.topk_store import MANIFEST, TopKStore, check_same_tokenizer, tokenizer_identity
+from posttrain.distill.topk_store import (
+    MANIFEST,
+    TokenizerIdentity,
+    TopKStore,
+    check_same_tokenizer,
+    tokenizer_identity,
+)
 from posttrain.rollout.engine import RolloutGroup
 from posttrain.workers import resolve_device
 
@@ -70,7 +76,7 @@ def check_early(cfg: DistillConfig, student: Student) -> None:
         check_tokenizers(tokenizer_identity(tokenizer_of(processing)), cfg.teacher.path, student)
 
 
-def check_tokenizers(teacher: dict[str, Any], teacher_name: str, student: Student) -> None:
+def check_tokenizers(teacher: TokenizerIdentity, teacher_name: str, student: Student) -> None:
     """ConfigError naming both models unless their vocabularies (token -> id) are identical: distillation
     compares distributions over token ids, so both must mean the same tokens by them."""
     mine = tokenizer_identity(student.tokenizer)

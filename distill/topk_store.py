@@ -30,7 +30,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -56,12 +56,36 @@ class TopKRow:
     extra: dict[str, Any]
 
 
+class HasVocab(Protocol):
+    """A tokenizer as far as its identity goes (any Hugging Face tokenizer)."""
+
+    def get_vocab(self) -> dict[str, int]: ...
+
+
+class TokenizerIdentity(TypedDict):
+    """What `tokenizer_identity` returns."""
+
+    name_or_path: str
+    vocab_size: int
+    vocab_sha256: str
+    special_tokens: list[str]
+
+
+class TeacherIdentity(TypedDict):
+    """What `teacher_identity` returns: the manifest's `teacher` entry."""
+
+    name_or_path: str
+    config_sha256: str
+    dtype: str
+    tokenizer: TokenizerIdentity
+
+
 def _sha256_json(value: object) -> str:
     text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+def tokenizer_identity(tokenizer: HasVocab) -> TokenizerIdentity:
     """What a top-k id means: the vocabulary's size and hash (token -> id, added tokens included), plus the
     name and special tokens for people reading the manifest. Works on any object with get_vocab()."""
     vocab = tokenizer.get_vocab()
@@ -74,8 +98,8 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
 
 
 def teacher_identity(
-    name_or_path: str, config: Mapping[str, Any], tokenizer: Any, dtype: str
-) -> dict[str, Any]:
+    name_or_path: str, config: Mapping[str, object], tokenizer: HasVocab, dtype: str
+) -> TeacherIdentity:
     """The `teacher` dict for TopKWriter: path, a hash of the model config (e.g. `config.to_dict()`), the
     dtype it ran in and its tokenizer's identity."""
     return {
@@ -87,7 +111,7 @@ def teacher_identity(
 
 
 def check_same_tokenizer(
-    store_or_manifest: TopKStore | Mapping[str, Any], student: Mapping[str, Any]
+    store_or_manifest: TopKStore | Mapping[str, Any], student: Mapping[str, object]
 ) -> None:
     """Raise ValueError unless the student's tokenizer identity has the teacher's vocabulary: otherwise
     the stored top-k ids name different tokens. Only the vocabulary is compared: a base and an instruct
@@ -110,7 +134,7 @@ class TopKWriter:
     writes the rest and the manifest. As a context manager it closes only on success, so a capture that
     raised leaves no manifest and cannot be mistaken for a finished one."""
 
-    def __init__(self, directory: str | Path, *, k: int, teacher: Mapping[str, Any], shard_rows: int = 1024):
+    def __init__(self, directory: str | Path, *, k: int, teacher: TeacherIdentity, shard_rows: int = 1024):
         if k < 1 or shard_rows < 1:
             raise ValueError(f"k and shard_rows must be >= 1, got k={k}, shard_rows={shard_rows}")
         if "vocab_sha256" not in teacher.get("tokenizer", {}):
@@ -141,7 +165,7 @@ class TopKWriter:
         *,
         loss_mask: ArrayLike | None = None,
         prompt_len: int | None = None,
-        extra: Mapping[str, Any] | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> int:
         """Append one sequence and return its row index. Give either `loss_mask` [L] (1 on target tokens)
         or `prompt_len` (targets are tokens prompt_len..L-1). topk_ids / topk_logp are [L, K], aligned to

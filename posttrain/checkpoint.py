@@ -28,11 +28,12 @@ import shutil
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypeAlias, TypedDict
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 FORMAT_VERSION = 1
@@ -51,6 +52,37 @@ class CheckpointError(Exception):
     """A checkpoint cannot be written, found, verified or loaded; the message names the file or path."""
 
 
+Skeleton: TypeAlias = "None | bool | int | float | str | list[Skeleton] | dict[str, Skeleton]"
+"""The JSON structure `flatten_state` stores beside the tensors (grammar below)."""
+
+
+class ManifestFile(TypedDict):
+    """One file of a checkpoint as `manifest.json` lists it."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+class Manifest(TypedDict):
+    """A checkpoint's `manifest.json`."""
+
+    format: int
+    step: int
+    created_unix: float
+    meta: dict[str, Any]  # the caller's JSON metadata (`commit_checkpoint(meta=...)`)
+    files: list[ManifestFile]
+
+
+class RngState(TypedDict):
+    """What `capture_rng` returns and `restore_rng` takes."""
+
+    python: tuple[Any, ...]  # random.getstate()
+    numpy: dict[str, Any]  # np.random.get_state(legacy=False)
+    torch: torch.Tensor
+    cuda: NotRequired[list[torch.Tensor]]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Nested state <-> (tensor dict, JSON skeleton)
 #
@@ -65,7 +97,7 @@ class _Flattener:
         self._storages: set[int] = set()
         self._active: set[int] = set()  # containers on the current path, to reject cycles
 
-    def node(self, x: Any, path: str) -> Any:
+    def node(self, x: Any, path: str) -> Skeleton:
         import numpy as np
         import torch
 
@@ -87,7 +119,9 @@ class _Flattener:
             return self._container(x, path)
         raise CheckpointError(f"{path}: cannot store object of type {kind.__name__}")
 
-    def _container(self, x: Any, path: str) -> Any:
+    def _container(
+        self, x: list[object] | tuple[object, ...] | dict[str | int, object], path: str
+    ) -> Skeleton:
         if id(x) in self._active:
             raise CheckpointError(f"{path}: reference cycle")
         self._active.add(id(x))
@@ -96,14 +130,14 @@ class _Flattener:
                 for k in x:
                     if type(k) not in (str, int):
                         raise CheckpointError(f"{path}: cannot store dict key of type {type(k).__name__}")
-                items = [[k, self.node(v, f"{path}[{k!r}]")] for k, v in x.items()]
+                items: list[Skeleton] = [[k, self.node(v, f"{path}[{k!r}]")] for k, v in x.items()]
                 return {"$t": "dict" if type(x) is dict else "odict", "items": items}
             items = [self.node(v, f"{path}[{i}]") for i, v in enumerate(x)]
             return items if type(x) is list else {"$t": "tuple", "items": items}
         finally:
             self._active.discard(id(x))
 
-    def _from_numpy(self, a: Any, path: str) -> torch.Tensor:
+    def _from_numpy(self, a: np.ndarray, path: str) -> torch.Tensor:
         import torch
 
         if not (a.flags.c_contiguous and a.flags.writeable):
@@ -129,7 +163,7 @@ class _Flattener:
         return path
 
 
-def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
+def flatten_state(obj: object) -> tuple[dict[str, torch.Tensor], Skeleton]:
     """Split `obj` into CPU tensors keyed by their path and a JSON-able skeleton referencing them.
 
     Supports dict/OrderedDict (str or int keys), list, tuple, torch tensors, numpy arrays and scalars,
@@ -229,7 +263,7 @@ def publish_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _dumps(obj: Any, what: str) -> str:
+def _dumps(obj: object, what: str) -> str:
     try:
         return json.dumps(obj, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
@@ -242,7 +276,7 @@ def _file_name(directory: str | os.PathLike[str], name: str) -> Path:
     return Path(directory) / name
 
 
-def save_state(directory: str | os.PathLike[str], name: str, obj: Any) -> None:
+def save_state(directory: str | os.PathLike[str], name: str, obj: object) -> None:
     """Write `obj` to the single file `directory/name`, atomically: tensors as safetensors, the structure
     as JSON in the file's metadata (one file, so callers that expect a given file name get exactly it)."""
     from safetensors.torch import save_file
@@ -285,14 +319,14 @@ def _read_json(path: Path) -> Any:
 # RNG
 
 
-def capture_rng() -> dict[str, Any]:
+def capture_rng() -> RngState:
     """Python, numpy-global, torch CPU and (when present) per-GPU CUDA RNG states; storable by save_state."""
     import random
 
     import numpy as np
     import torch
 
-    state: dict[str, Any] = {
+    state: RngState = {
         "python": random.getstate(),
         "numpy": np.random.get_state(legacy=False),
         "torch": torch.get_rng_state(),
@@ -302,7 +336,7 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: RngState) -> None:
     """Undo `capture_rng`: subsequent draws repeat the ones that followed the capture."""
     import random
 
@@ -349,8 +383,8 @@ def _hash_file(path: Path, fsync: bool = False) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _collect_files(tmp: Path) -> list[dict[str, Any]]:
-    files = []
+def _collect_files(tmp: Path) -> list[ManifestFile]:
+    files: list[ManifestFile] = []
     for dirpath, dirnames, filenames in os.walk(tmp):
         dirnames.sort()
         for fname in sorted(filenames):
@@ -363,7 +397,7 @@ def _collect_files(tmp: Path) -> list[dict[str, Any]]:
     return files
 
 
-def commit_checkpoint(tmp_dir: str | os.PathLike[str], step: int, meta: dict[str, Any]) -> Path:
+def commit_checkpoint(tmp_dir: str | os.PathLike[str], step: int, meta: Mapping[str, object]) -> Path:
     """Seal `tmp_dir` with a manifest, rename it to `step-N` and point `latest` at it; returns the step folder.
 
     Call from one process after every writer has finished. `meta` must be JSON-serializable.
@@ -391,10 +425,10 @@ def commit_checkpoint(tmp_dir: str | os.PathLike[str], step: int, meta: dict[str
     return final
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """The parsed `manifest.json` of a checkpoint folder; CheckpointError if absent or malformed."""
     manifest_path = Path(path) / MANIFEST
-    manifest = _read_json(manifest_path)
+    manifest: Manifest = _read_json(manifest_path)
     try:
         ok = manifest["format"] == FORMAT_VERSION and type(manifest["step"]) is int
         ok = ok and all(
@@ -408,7 +442,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
     """Check every file the manifest lists (present, size, sha256); returns the manifest."""
     folder = Path(path)
     manifest = read_manifest(folder)

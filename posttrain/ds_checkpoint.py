@@ -30,7 +30,7 @@ SAFE_OBJECTS = _safe_objects()
 _TAG = "__object__"
 
 
-def encode_objects(obj: Any) -> Any:
+def encode_objects(obj: object) -> object:
     """Replace allowed objects by tagged dicts of their fields (recursively)."""
     name = type(obj).__module__ + "." + type(obj).__qualname__
     if name in SAFE_OBJECTS:
@@ -43,7 +43,7 @@ def encode_objects(obj: Any) -> Any:
     return obj
 
 
-def decode_objects(obj: Any) -> Any:
+def decode_objects(obj: object) -> Any:
     if isinstance(obj, dict) and _TAG in obj:
         cls = SAFE_OBJECTS[obj[_TAG]]  # KeyError: the file names a class we never store
         fields = decode_objects(obj["fields"])
@@ -66,16 +66,16 @@ class SafeCheckpointEngine(CheckpointEngine):
         super().__init__()
         self.name = "posttrain-safetensors"
 
-    def create(self, info: Any) -> None:
+    def create(self, info: object) -> None:
         pass
 
-    def save(self, state_dict: Any, path: str) -> None:
+    def save(self, state_dict: object, path: str) -> None:
         target = Path(path)
         save_state(target.parent, target.name, encode_objects(state_dict))
 
-    def load(self, path: str, map_location: Any = None) -> Any:
+    def load(self, path: str, map_location: object = None) -> Any:
         target = Path(path)
         return decode_objects(load_state(target.parent, target.name))
 
-    def commit(self, info: Any) -> bool:
+    def commit(self, info: object) -> bool:
         return True

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from posttrain.checkpoint import capture_rng, load_state, restore_rng, save_state
 from posttrain.config import TrainingStage, stage_model
@@ -21,8 +22,15 @@ from posttrain.objectives import Norms, Objective, StepStats, merge_stats
 from posttrain.weights import SyncManifest, put_module_buckets, stream_module_buckets
 from posttrain.workers import resolve_device
 
+if TYPE_CHECKING:
+    import torch
+    from ray import ObjectRef
+    from ray.util.queue import Queue
+
+    from posttrain.weights import WireBucket
+
 DS_TAG = "deepspeed"
-Batch = dict[str, Any]
+Batch = dict[str, "torch.Tensor"]
 """A collated micro-batch: name -> tensor."""
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,7 @@ def zero_stage(cfg: TrainingStage) -> int:
     return cfg.learners.zero_stage
 
 
-def load_model(cfg: TrainingStage, model_path: str, is_vl: bool, device: str) -> Any:
+def load_model(cfg: TrainingStage, model_path: str, is_vl: bool, device: str) -> torch.nn.Module:
     """The HF model, with LoRA adapters or a frozen vision tower as configured."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -101,16 +109,16 @@ def attention_kernel(requested: str, device: str) -> str:
     return "sdpa"
 
 
-def vision_tower(model: Any) -> Any:
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     inner = getattr(model, "model", model)
-    return getattr(inner, "visual", None) or model.visual
+    return cast("torch.nn.Module", getattr(inner, "visual", None) or model.visual)
 
 
 class Learner:
     """A Ray actor. RANK / WORLD_SIZE / MASTER_* come from the WorkerGroup's environment."""
 
     def __init__(
-        self, stage: str, cfg_dict: dict[str, Any], model_path: str, is_vl: bool, total_steps: int
+        self, stage: str, cfg_dict: Mapping[str, object], model_path: str, is_vl: bool, total_steps: int
     ) -> None:
         import deepspeed
         import torch
@@ -162,7 +170,9 @@ class Learner:
             grad_norm = self.engine.get_global_grad_norm()
         return StepStats(sums, float(grad_norm), lr)
 
-    def logprobs(self, batches: list[Batch], base_model: bool = False, temperature: float = 1.0) -> list[Any]:
+    def logprobs(
+        self, batches: list[Batch], base_model: bool = False, temperature: float = 1.0
+    ) -> list[torch.Tensor]:
         """Per batch, log-probabilities of each next token under the current weights at `temperature`
         ([B, T-1], fp32, on CPU); `base_model` disables the LoRA adapter (a LoRA run's reference)."""
         import contextlib
@@ -174,21 +184,19 @@ class Learner:
 
     # ----------------------------------------------------------------------------------------- weights
 
-    def weight_buckets(self, bucket_mb: float) -> tuple[list[Any], SyncManifest] | None:
+    def weight_buckets(self, bucket_mb: float) -> tuple[list[ObjectRef[WireBucket]], SyncManifest] | None:
         """All ranks gather (ZeRO-3); rank 0 puts every bucket into the object store: (refs, manifest)."""
         zero3 = self.cfg.learners.zero_stage == 3
         return put_module_buckets(self.engine.module, bucket_mb, zero3, sender=self.rank == 0)
 
-    def stream_weights(self, queues: list[Any], bucket_mb: float) -> SyncManifest | None:
+    def stream_weights(self, queues: list[Queue], bucket_mb: float) -> SyncManifest | None:
         """All ranks gather (ZeRO-3); rank 0 feeds each bucket into the engines' queues as it goes."""
         zero3 = self.cfg.learners.zero_stage == 3
         return stream_module_buckets(self.engine.module, queues, bucket_mb, zero3, sender=self.rank == 0)
 
     # ---------------------------------------------------------------------------------------- generation
 
-    def generate(
-        self, batches: list[dict[str, Any]], max_new_tokens: int, eos_token_id: int
-    ) -> list[list[int]]:
+    def generate(self, batches: list[Batch], max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
         """Greedy completions for left-padded prompt batches. Under ZeRO-3 every rank must run the same
         number of batches (the caller pads shards) and `synced_gpus` keeps parameter gathers in step."""
         import torch
@@ -214,7 +222,7 @@ class Learner:
 
     # --------------------------------------------------------------------------------------- checkpoints
 
-    def save(self, directory: str, client_state: dict[str, Any]) -> None:
+    def save(self, directory: str, client_state: Mapping[str, object]) -> None:
         self.engine.save_checkpoint(
             directory,
             tag=DS_TAG,
@@ -272,7 +280,9 @@ def split_model_inputs(batch: Batch, device: str) -> tuple[Batch, Batch]:
     return inputs, {k: v for k, v in on_device.items() if k not in MODEL_INPUTS}
 
 
-def _next_token_logprobs(model: Any, batch: Batch, device: str, temperature: float = 1.0) -> Any:
+def _next_token_logprobs(
+    model: torch.nn.Module, batch: Batch, device: str, temperature: float = 1.0
+) -> torch.Tensor:
     import torch
 
     module = getattr(model, "module", model)
@@ -289,7 +299,7 @@ class Reference:
     """The frozen reference policy for RL's KL term: a Ray actor holding the starting model (no DeepSpeed,
     no optimizer)."""
 
-    def __init__(self, stage: str, cfg_dict: dict[str, Any], model_path: str, is_vl: bool) -> None:
+    def __init__(self, stage: str, cfg_dict: Mapping[str, object], model_path: str, is_vl: bool) -> None:
         cfg = stage_model(stage).model_validate(cfg_dict)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"lora": None})})
         self.device = resolve_device(cfg.device)  # threads: OMP_NUM_THREADS from the WorkerGroup
@@ -297,12 +307,12 @@ class Reference:
         self.model = model.to(self.device).eval().requires_grad_(False)
 
     def logprobs(
-        self, batches: list[dict[str, Any]], base_model: bool = False, temperature: float = 1.0
-    ) -> list[Any]:
+        self, batches: list[Batch], base_model: bool = False, temperature: float = 1.0
+    ) -> list[torch.Tensor]:
         return [_next_token_logprobs(self.model, batch, self.device, temperature) for batch in batches]
 
 
-def _make_optimizer(cfg: TrainingStage, params: list[Any]) -> Any:
+def _make_optimizer(cfg: TrainingStage, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     import torch
 
     t = cfg.train
@@ -313,7 +323,9 @@ def _make_optimizer(cfg: TrainingStage, params: list[Any]) -> Any:
     return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
 
-def _make_schedule(cfg: TrainingStage, optimizer: Any, total_steps: int) -> Any:
+def _make_schedule(
+    cfg: TrainingStage, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     from functools import partial
 
     import torch
@@ -329,7 +341,7 @@ def _make_schedule(cfg: TrainingStage, optimizer: Any, total_steps: int) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def _grad_norm(module: Any) -> float:
+def _grad_norm(module: torch.nn.Module) -> float:
     import torch
 
     grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]

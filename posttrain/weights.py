@@ -10,20 +10,26 @@ read back zero-copy). The receiving side (engines, probes, strategies) is posttr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-Bucket = list[tuple[str, Any]]
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from ray import ObjectRef
+    from ray.util.queue import Queue
+
+Bucket = list[tuple[str, "torch.Tensor"]]
 """A list of (HF parameter name, CPU tensor)."""
 
 CHECKSUM_CHUNK = 1 << 20
 """Elements per checksum step (an 8 MiB float64 buffer): larger steps cost less Python per byte."""
 
-_RAMPS: dict[tuple[int, str], Any] = {}
+_RAMPS: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def tensor_checksum(t: Any, chunk: int = CHECKSUM_CHUNK) -> float:
+def tensor_checksum(t: torch.Tensor, chunk: int = CHECKSUM_CHUNK) -> float:
     """Float64 sum of a tensor's elements plus a position-weighted sum, sum_i x_i * (i + 1) / n (so
     swapped or offsetting changes within the tensor show too). Each chunk is converted into one reused
     float64 buffer and weighted by a cached ramp (a dot product), so no tensor-sized temporaries."""
@@ -58,7 +64,7 @@ class SyncManifest:
     nbytes: int = 0
     rel_tol: float = 1e-9
 
-    def add(self, name: str, tensor: Any) -> None:
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         self.checksums[name] = tensor_checksum(tensor)
         self.nbytes += tensor.numel() * tensor.element_size()
 
@@ -101,7 +107,7 @@ class WireBucket:
     def __init__(self, bucket: Bucket) -> None:
         import torch
 
-        self.items: list[tuple[str, Any, str, tuple[int, ...]]] = []
+        self.items: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
         for name, t in bucket:
             t = t.detach().to("cpu").contiguous()
             dtype = str(t.dtype).removeprefix("torch.")
@@ -121,12 +127,12 @@ class WireBucket:
         return out
 
 
-def unpack_bucket(obj: Any) -> Bucket:
+def unpack_bucket(obj: WireBucket | Bucket) -> Bucket:
     """A bucket from what `ray.get` returned: a `WireBucket`, or a plain bucket (list of name, tensor)."""
     return obj.unpack() if isinstance(obj, WireBucket) else obj
 
 
-def put_bucket(bucket: Bucket) -> Any:
+def put_bucket(bucket: Bucket) -> ObjectRef[WireBucket]:
     """`ray.put` one bucket in wire form; returns the ObjectRef."""
     import ray
 
@@ -147,7 +153,9 @@ def _param_groups(names: list[str]) -> list[list[int]]:
     return groups
 
 
-def iter_buckets(named_tensors: Iterable[tuple[str, Any]], bucket_mb: float = 64) -> Iterator[Bucket]:
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_mb: float = 64
+) -> Iterator[Bucket]:
     """Chunk (name, tensor) pairs into buckets of about `bucket_mb` MB (CPU copies, detached)."""
     limit = bucket_mb * 2**20
     bucket: Bucket = []
@@ -173,7 +181,7 @@ def _hf_name(name: str) -> str:
 
 
 def module_state_buckets(
-    module: Any, bucket_mb: float = 64, gather: bool | None = None, copy: bool = True
+    module: torch.nn.Module, bucket_mb: float = 64, gather: bool | None = None, copy: bool = True
 ) -> Iterator[Bucket]:
     """The full state of a DeepSpeed engine's module (or any torch module) as buckets of CPU tensors with
     HF names. Under ZeRO-3 (`gather`, default: detected from `ds_id` on the parameters) each bucket's
@@ -203,7 +211,7 @@ def module_state_buckets(
     current: list[int] = []
     size = 0
 
-    def numel(p: Any) -> int:
+    def numel(p: torch.Tensor) -> int:
         return int(getattr(p, "ds_numel", p.numel()))
 
     def emit(idx: list[int]) -> Bucket:
@@ -231,7 +239,9 @@ def module_state_buckets(
         yield emit(current)
 
 
-def put_buckets(buckets: Iterable[Bucket], manifest: SyncManifest | None = None) -> list[Any]:
+def put_buckets(
+    buckets: Iterable[Bucket], manifest: SyncManifest | None = None
+) -> list[ObjectRef[WireBucket]]:
     """Put each bucket into the Ray object store in wire form (adding its tensors to `manifest`); return
     the refs."""
     refs = []
@@ -248,8 +258,8 @@ STREAM_PUT_TIMEOUT_S = 600.0
 
 
 def put_module_buckets(
-    module: Any, bucket_mb: float, zero3: bool, sender: bool
-) -> tuple[list[Any], SyncManifest] | None:
+    module: torch.nn.Module, bucket_mb: float, zero3: bool, sender: bool
+) -> tuple[list[ObjectRef[WireBucket]], SyncManifest] | None:
     """Every rank iterates (ZeRO-3 gathers are collective); the `sender` rank puts each bucket into the
     object store and returns (refs, manifest), the others None."""
     manifest = SyncManifest()
@@ -261,7 +271,7 @@ def put_module_buckets(
 
 
 def stream_module_buckets(
-    module: Any, queues: list[Any], bucket_mb: float, zero3: bool, sender: bool
+    module: torch.nn.Module, queues: Sequence[Queue], bucket_mb: float, zero3: bool, sender: bool
 ) -> SyncManifest | None:
     """Every rank iterates; the `sender` rank puts each bucket into the object store and its ref into
     every engine's queue as soon as it is gathered (a full queue blocks: at most `maxsize` buckets per

@@ -12,9 +12,14 @@ import json
 import os
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from posttrain.config import ConfigError
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
+T = TypeVar("T")
 
 CALL_TIMEOUT_S = 3600.0
 """Upper bound on any single call to a worker group: a lost actor surfaces as an error, never a hang."""
@@ -117,7 +122,7 @@ def _rendezvous_address() -> tuple[str, int]:
         return ip, int(s.getsockname()[1])
 
 
-def _barrier_if_distributed(_actor: Any) -> None:
+def _barrier_if_distributed(_actor: object) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -135,7 +140,7 @@ class WorkerGroup:
         num_cpus: float = 1,
         num_gpus: float = 0,
         name: str = "workers",
-        init_args: Sequence[Any] = (),
+        init_args: Sequence[object] = (),
         env: dict[str, str] | None = None,
         device: str | None = None,
         config_key: str = "learners",
@@ -185,22 +190,22 @@ class WorkerGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+    def call(self, method: str, *args: object, **kwargs: object) -> list[Any]:
         """Call `method` with the same arguments on every rank; return the results in rank order."""
         return self.gather([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
-    def call_each(self, method: str, per_rank_args: Sequence[Sequence[Any]]) -> list[Any]:
+    def call_each(self, method: str, per_rank_args: Sequence[Sequence[object]]) -> list[Any]:
         """Call `method` on rank r with `per_rank_args[r]`."""
         assert len(per_rank_args) == len(self.actors)
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args, strict=True)]
         return self.gather(refs)
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    def run(self, fn: Callable[..., T], *args: object) -> list[T]:
         """Run a module-level function `fn(actor_instance, *args)` inside every actor (benchmarks time
         the phases of a call this way)."""
         return self.gather([a.__ray_call__.remote(fn, *args) for a in self.actors])
 
-    def gather(self, refs: list[Any]) -> list[Any]:
+    def gather(self, refs: Sequence[ObjectRef[T]]) -> list[T]:
         import ray
 
         try:
@@ -236,7 +241,7 @@ def _rank_env(rank: int, world_size: int, num_cpus: float) -> dict[str, str]:
     }
 
 
-def split_evenly(items: list[Any], parts: int, weights: Sequence[float] | None = None) -> list[list[Any]]:
+def split_evenly(items: list[T], parts: int, weights: Sequence[float] | None = None) -> list[list[T]]:
     """Contiguous chunks: without `weights`, sizes differ by at most one (earlier chunks larger); with
     them, chunk k ends where the running weight first reaches k/parts of the total."""
     if weights is None or len(set(weights)) <= 1:

@@ -23,13 +23,31 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, Required, TypeAlias, TypedDict, Unpack, cast
 
 from posttrain.config import ConfigError
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.weight_sync import Probe, WeightSyncError
-from posttrain.weights import Bucket, SyncManifest, put_bucket, tensor_checksum, unpack_bucket
+from posttrain.weights import Bucket, SyncManifest, WireBucket, put_bucket, tensor_checksum, unpack_bucket
 from posttrain.workers import WorkerGroup, init_ray, split_evenly
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    import torch
+    from PIL.Image import Image
+    from ray import ObjectRef
+    from ray.util.queue import Queue
+    from vllm import RequestOutput, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.logprobs import FlatLogprobs, LogprobsOnePosition
+    from vllm.lora.request import LoRARequest
+    from vllm.outputs import CompletionOutput
+
+    BucketItem: TypeAlias = ObjectRef[WireBucket] | Bucket | WireBucket
+    """One bucket as an engine receives it: an ObjectRef of a WireBucket, or the bucket itself."""
+    BucketSource: TypeAlias = list[BucketItem] | tuple[BucketItem, ...] | Queue
+    """A list of buckets (or their refs), or a `ray.util.queue.Queue` a learner fills (`_bucket_source`)."""
 
 THINK_END_TEXT = "</think>\n\n"
 BUCKET_FETCH_TIMEOUT_S = 600.0
@@ -57,7 +75,7 @@ class RolloutRequest:
     seed: int | None = None
     logprobs: int | None = 0  # None: none; 0: the sampled token's only; k: also the top k
     prompt_logprobs: int | None = None  # None: none; 0: each prompt token's; k: also the top k
-    images: list[Any] | None = None  # PIL images for a VL prompt (its ids hold one image pad per image)
+    images: list[Image] | None = None  # PIL images for a VL prompt (its ids hold one image pad per image)
     thinking_budget: int | None = None  # close the think block after this many generated tokens
     ignore_eos: bool = False
 
@@ -67,7 +85,7 @@ def sampled_request(
     prompt_ids: list[int],
     stop_ids: list[int],
     seed: int,
-    images: list[Any] | None = None,
+    images: list[Image] | None = None,
     logprobs: int | None = 0,
 ) -> RolloutRequest:
     """The request for `prompt_ids` sampled as `sampling` says."""
@@ -162,12 +180,79 @@ def _model_config(model_path: str) -> dict[str, Any]:
     return dict(AutoConfig.from_pretrained(model_path).to_dict())
 
 
+class GroupEngineOptions(TypedDict, total=False):
+    """The keyword arguments of `RolloutEngine._setup` that `RolloutGroup` passes on as given."""
+
+    gpu_memory_utilization: float | None
+    kv_cache_gib: float | None
+    max_num_seqs: int
+    max_model_len: int
+    tensor_parallel_size: int
+    dtype: str | None
+    seed: int
+    max_logprobs: int
+    enforce_eager: bool | None
+    limit_images: int | None
+    enable_lora: bool
+    max_lora_rank: int
+    think_end_ids: list[int] | None
+    extra_llm_args: dict[str, Any] | None
+
+
+class EngineOptions(GroupEngineOptions, total=False):
+    """All keyword arguments of `RolloutEngine._setup`."""
+
+    device: str
+    name: str
+
+
+class EngineInfo(TypedDict):
+    """What `RolloutEngine.info` reports."""
+
+    name: str
+    version: int
+    dirty: str | None
+    load_seconds: float
+    is_vl: bool
+    think_end_ids: list[int]
+    kv_cache_bytes: int | None
+    max_num_seqs: int
+
+
+class StartFailure(TypedDict):
+    """What `EngineActor.info` reports for an engine that did not start."""
+
+    start_error: str
+
+
+class SyncReport(TypedDict, total=False):
+    """One engine's report of a weight sync (`update_weights`, `verify`, `load_lora`)."""
+
+    name: Required[str]
+    version: Required[int]
+    checksum: float  # of the received tensors (the sum of their checksums)
+    tensors: int
+    bytes: int
+    probe_max_abs: float | None  # the probe's largest logprob difference; None without a probe
+    load_seconds: float
+    seconds: float
+
+
+class _ReloadingWorker(Protocol):
+    """What `_reload_from_buckets` needs of a vLLM worker (`vllm.v1.worker.gpu_worker.Worker`)."""
+
+    def reload_weights(self, *, weights_iterator: Iterator[tuple[str, torch.Tensor]]) -> None: ...
+
+
 class RolloutEngine:
     """A vLLM engine serving one copy of the policy; a Ray actor (or a plain object)."""
 
-    def __init__(self, model_path: str, options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model_path: str, options: EngineOptions | None = None, **kwargs: Unpack[EngineOptions]
+    ) -> None:
         """`options` (a dict, as Ray actors get positional init args) and `kwargs`: see `_setup`."""
-        self._setup(model_path, **{**(options or {}), **kwargs})
+        merged: EngineOptions = {**(options or {}), **kwargs}
+        self._setup(model_path, **merged)
 
     def _setup(
         self,
@@ -244,12 +329,12 @@ class RolloutEngine:
         self.version = 0
         self.dirty: str | None = None  # why the served weights are unknown (a failed sync), else None
         self._received: tuple[int, list[tuple[dict[str, float], int]]] | None = None  # deferred checks
-        self.lora: Any = None  # LoRARequest of the current adapter version
+        self.lora: LoRARequest | None = None  # LoRARequest of the current adapter version
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------ info
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> EngineInfo:
         return {
             "name": self.name,
             "version": self.version,
@@ -306,17 +391,18 @@ class RolloutEngine:
         prompts: list[Any] = [{"prompt_token_ids": list(ids)} for ids in token_ids]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
-            flat_prompt_logprobs(ids, out.prompt_logprobs, k)
+            flat_prompt_logprobs(ids, cast("FlatLogprobs", out.prompt_logprobs), k)  # flat_logprobs=True
             for ids, out in zip(token_ids, outs, strict=True)
         ]
 
-    def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
+    def _run(self, prompts: list[TokensPrompt], params: list[SamplingParams]) -> list[RequestOutput]:
         kwargs: dict[str, Any] = {"use_tqdm": False}
         if self.lora is not None:
             kwargs["lora_request"] = self.lora
         return list(self.llm.generate(prompts, params, **kwargs))
 
-    def _result(self, req: RolloutRequest, out: Any) -> RolloutResult:
+    def _result(self, req: RolloutRequest, out: RequestOutput) -> RolloutResult:
+        assert out.prompt_token_ids is not None  # token-id prompts: vLLM always reports them
         samples = [_sample(req, c) for c in sorted(out.outputs, key=lambda c: c.index)]
         plp, ptop = None, None
         if out.prompt_logprobs is not None:
@@ -389,11 +475,11 @@ class RolloutEngine:
     def update_weights(
         self,
         version: int,
-        buckets: Any,
+        buckets: BucketSource,
         manifest: SyncManifest | None = None,
         probe: Probe | None = None,
         defer_checks: bool = False,
-    ) -> dict[str, Any]:
+    ) -> SyncReport:
         """Load a full state (HF names) streamed bucket by bucket into the running engine, then prove it.
 
         `buckets`: Ray ObjectRefs of buckets (fetched one at a time while vLLM loads) or buckets
@@ -423,7 +509,7 @@ class RolloutEngine:
         report = self._prove(version, per_worker, manifest, probe)
         return {**report, "load_seconds": load_s, "seconds": time.perf_counter() - t0}
 
-    def verify(self, version: int, manifest: SyncManifest | None, probe: Probe | None) -> dict[str, Any]:
+    def verify(self, version: int, manifest: SyncManifest | None, probe: Probe | None) -> SyncReport:
         """Finish a `defer_checks` update: the received checksums against the (now complete) manifest,
         then the probe; only then does the engine serve `version`."""
         received = self._received
@@ -439,7 +525,7 @@ class RolloutEngine:
         per_worker: list[tuple[dict[str, float], int]],
         manifest: SyncManifest | None,
         probe: Probe | None,
-    ) -> dict[str, Any]:
+    ) -> SyncReport:
         """Every TP worker's received checksums against `manifest`, then the probe: only when both pass
         does the engine serve `version`."""
         if manifest is not None:
@@ -483,7 +569,7 @@ class RolloutEngine:
             )
         return err
 
-    def load_lora(self, version: int, adapter_dir: str, probe: Probe | None = None) -> dict[str, Any]:
+    def load_lora(self, version: int, adapter_dir: str, probe: Probe | None = None) -> SyncReport:
         """Serve the PEFT adapter in `adapter_dir` (a new folder per version: vLLM caches adapters by id)
         on top of the base weights. With a `probe`, the adapter's logprobs must match the sender's, else
         the previous adapter is restored and WeightSyncError raised."""
@@ -512,7 +598,7 @@ class RolloutEngine:
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _bucket_source(buckets: Any) -> Iterator[Any]:
+def _bucket_source(buckets: BucketSource) -> Iterator[BucketItem]:
     """A list of buckets / ObjectRefs, or a `ray.util.queue.Queue` a learner is filling: items are
     `[ref]` (a list, so Ray does not resolve the ref into the queue actor), `None` ends the stream."""
     if isinstance(buckets, (list, tuple)):
@@ -525,7 +611,7 @@ def _bucket_source(buckets: Any) -> Iterator[Any]:
         yield item[0]
 
 
-def _reload_from_buckets(worker: Any, buckets: Any) -> tuple[dict[str, float], int]:
+def _reload_from_buckets(worker: _ReloadingWorker, buckets: BucketSource) -> tuple[dict[str, float], int]:
     """Runs on each vLLM worker (`LLM.collective_rpc`): stream the buckets, fetching one Ray object at a
     time, into `Worker.reload_weights` -> `GPUModelRunner.reload_weights` (vLLM's layerwise in-place
     reload; it also resets LoRA/encoder/multimodal caches). One reload call sees every tensor, so fused
@@ -535,7 +621,7 @@ def _reload_from_buckets(worker: Any, buckets: Any) -> tuple[dict[str, float], i
     seen: dict[str, float] = {}
     nbytes = 0
 
-    def stream() -> Iterator[tuple[str, Any]]:
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
         nonlocal nbytes
         for b in _bucket_source(buckets):
             bucket: Bucket = _resolve(b)
@@ -549,7 +635,7 @@ def _reload_from_buckets(worker: Any, buckets: Any) -> tuple[dict[str, float], i
     return seen, nbytes
 
 
-def _resolve(b: Any) -> Any:
+def _resolve(b: BucketItem) -> Bucket:
     import ray
 
     if not isinstance(b, ray.ObjectRef):
@@ -566,8 +652,8 @@ def _with(r: RolloutRequest, **changes: Any) -> RolloutRequest:
     return replace(r, **changes)
 
 
-def _prompt(r: RolloutRequest) -> dict[str, Any]:
-    p: dict[str, Any] = {"prompt_token_ids": list(r.prompt_token_ids)}
+def _prompt(r: RolloutRequest) -> TokensPrompt:
+    p: TokensPrompt = {"prompt_token_ids": list(r.prompt_token_ids)}
     if r.images:
         p["multi_modal_data"] = {"image": r.images if len(r.images) > 1 else r.images[0]}
     return p
@@ -580,17 +666,17 @@ VLLM_SAMPLING = (
 """RolloutRequest fields that are vLLM SamplingParams of the same name."""
 
 
-def _params(r: RolloutRequest) -> Any:
+def _params(r: RolloutRequest) -> SamplingParams:
     from vllm import SamplingParams
 
     return SamplingParams(**{key: getattr(r, key) for key in VLLM_SAMPLING}, skip_special_tokens=True)
 
 
-TokenScores = tuple[Any, Any, Any]
+TokenScores = tuple["npt.NDArray[np.int32]", "npt.NDArray[np.float32]", "npt.NDArray[np.float32]"]
 """(top-k ids [L, k] int32, top-k logprobs [L, k] float32, each token's own logprob [L] float32)."""
 
 
-def flat_prompt_logprobs(ids: list[int], flat: Any, k: int) -> TokenScores:
+def flat_prompt_logprobs(ids: list[int], flat: FlatLogprobs, k: int) -> TokenScores:
     """vLLM's FlatLogprobs of one prompt as arrays: position j > 0 holds k + 1 entries, the token itself
     first, then the top k by rank."""
     import numpy as np
@@ -612,14 +698,15 @@ def flat_prompt_logprobs(ids: list[int], flat: Any, k: int) -> TokenScores:
     return top_ids, top_logp, own
 
 
-def _sample(req: RolloutRequest, c: Any) -> RolloutSample:
+def _sample(req: RolloutRequest, c: CompletionOutput) -> RolloutSample:
     ids = list(c.token_ids)
     lps: list[float] = []
     top: list[dict[int, float]] | None = None
     if c.logprobs is not None:
-        lps = [float(d[t].logprob) for d, t in zip(c.logprobs, ids, strict=True)]
+        steps = cast("list[LogprobsOnePosition]", c.logprobs)  # sample logprobs are never flat here
+        lps = [float(d[t].logprob) for d, t in zip(steps, ids, strict=True)]
         if req.logprobs:
-            top = [{k: float(v.logprob) for k, v in d.items()} for d in c.logprobs]
+            top = [{k: float(v.logprob) for k, v in d.items()} for d in steps]
     reason = "length" if c.finish_reason == "length" else "stop"
     return RolloutSample(ids, c.text, lps, reason, top)
 
@@ -631,14 +718,14 @@ class EngineActor(RolloutEngine):
     """The actor form of RolloutEngine: a failed start is kept as one line for `info`, so the group can
     raise EngineStartError instead of Ray printing the creation task's traceback."""
 
-    def __init__(self, model_path: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, model_path: str, options: EngineOptions | None = None) -> None:
         self.start_error: str | None = None
         try:
             super().__init__(model_path, options)
         except Exception as e:
             self.start_error = one_line_reason(e)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> EngineInfo | StartFailure:  # type: ignore[override]  # a failed start has no info
         return {"start_error": self.start_error} if self.start_error else super().info()
 
 
@@ -681,7 +768,7 @@ class RolloutGroup:
         start_timeout_s: float = 600.0,
         sync_timeout_s: float = 600.0,
         ray_address: str | None = None,
-        **engine_kwargs: Any,
+        **engine_kwargs: Unpack[GroupEngineOptions],
     ) -> None:
         """`device`: "cpu" or "cuda" (resolved by the caller); `config_key` / `model_key`: the config keys a
         start failure names (e.g. "teacher", "teacher.path")."""
@@ -703,9 +790,11 @@ class RolloutGroup:
         self.start_seconds = time.perf_counter() - t0
         self.sync_timeout_s = sync_timeout_s
         self.version = 0
-        self._queues: tuple[int, list[Any]] | None = None  # (maxsize, one Queue per engine)
+        self._queues: tuple[int, list[Queue]] | None = None  # (maxsize, one Queue per engine)
 
-    def _started(self, model_path: str, timeout_s: float, config_key: str, model_key: str) -> list[Any]:
+    def _started(
+        self, model_path: str, timeout_s: float, config_key: str, model_key: str
+    ) -> list[EngineInfo]:
         """Every engine's info, or EngineStartError for the first that failed, died or did not answer."""
         import ray
 
@@ -740,21 +829,21 @@ class RolloutGroup:
         """Results in request order; requests split over the engines in contiguous, even chunks."""
         return self.collect(self.submit(requests))
 
-    def submit(self, requests: Sequence[RolloutRequest]) -> list[Any]:
+    def submit(self, requests: Sequence[RolloutRequest]) -> list[ObjectRef[list[RolloutResult]]]:
         """Start generation and return at once (ObjectRefs, one per engine) so the caller can overlap
         other work, e.g. scoring the previous batch; `collect` waits for them."""
         reqs = list(requests)
         chunks = split_evenly(reqs, len(self.workers), [r.n * r.max_tokens for r in reqs])
         return [a.generate.remote(c) for a, c in zip(self.workers.actors, chunks, strict=True)]
 
-    def collect(self, refs: list[Any]) -> list[RolloutResult]:
+    def collect(self, refs: Sequence[ObjectRef[list[RolloutResult]]]) -> list[RolloutResult]:
         parts = self.workers.gather(refs)
         return [r for part in parts for r in part]
 
     def update_weights(
         self,
         version: int,
-        buckets: Iterable[Any],
+        buckets: Iterable[ObjectRef[WireBucket] | Bucket],
         manifest: SyncManifest | None = None,
         probe: Probe | None = None,
     ) -> list[dict[str, Any]]:
@@ -769,7 +858,7 @@ class RolloutGroup:
         self.version = version
         return reports
 
-    def start_streamed_update(self, version: int, queues: Sequence[Any]) -> list[Any]:
+    def start_streamed_update(self, version: int, queues: Sequence[Queue]) -> list[ObjectRef[dict[str, Any]]]:
         """Engines start loading `version` from one queue each (filled by the learners); returns the
         pending calls for `finish_streamed_update`."""
         return [
@@ -777,7 +866,7 @@ class RolloutGroup:
             for a, q in zip(self.workers.actors, queues, strict=True)
         ]
 
-    def stream_queues(self, maxsize: int) -> list[Any]:
+    def stream_queues(self, maxsize: int) -> list[Queue]:
         """One bounded `ray.util.queue.Queue` per engine for `stream_sync_from_learners`. Kept between
         updates (each is an actor, about a second to start): reused while empty, i.e. after an update
         that succeeded; `discard_stream_queues` drops them after a failure."""
@@ -799,7 +888,11 @@ class RolloutGroup:
             self._queues = None
 
     def finish_streamed_update(
-        self, version: int, pending: list[Any], manifest: SyncManifest | None, probe: Probe | None = None
+        self,
+        version: int,
+        pending: list[ObjectRef[dict[str, Any]]],
+        manifest: SyncManifest | None,
+        probe: Probe | None = None,
     ) -> list[dict[str, Any]]:
         self._gather_sync(version, pending)
         reports = self._gather_sync(
@@ -816,7 +909,7 @@ class RolloutGroup:
         self.version = version
         return reports
 
-    def _gather_sync(self, version: int, calls: list[Any]) -> list[dict[str, Any]]:
+    def _gather_sync(self, version: int, calls: list[ObjectRef[dict[str, Any]]]) -> list[dict[str, Any]]:
         import ray
 
         names = [f"{self.workers.name}-{i}" for i in range(len(calls))]
@@ -863,7 +956,7 @@ class RolloutGroup:
         """Every engine's prompt logprobs of the same sequences (to compare engines with each other)."""
         return self.workers.call("prompt_logprobs", list(token_ids))
 
-    def info(self) -> list[dict[str, Any]]:
+    def info(self) -> list[EngineInfo]:
         return self.workers.call("info")
 
     def shutdown(self) -> None:
