@@ -9,13 +9,17 @@ divides the items, as ZeRO-3's lockstep needs), each share cut into collated mic
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from posttrain.config import TrainingStage
 from posttrain.learner import Batch, Learner, Reference
 from posttrain.objectives import Norms, Objective, StepStats, reduce_ranks
 from posttrain.weights import SyncManifest
 from posttrain.workers import WorkerGroup, resolve_device, split_evenly
+
+if TYPE_CHECKING:
+    from ray.util.queue import Queue
+    from torch import Tensor
 
 T = TypeVar("T")
 Shards = list[list[Batch]]
@@ -47,12 +51,12 @@ class LogprobSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def logprobs(self, shards: Shards, base_model: bool, temperature: float) -> list[Any]: ...
+    def logprobs(self, shards: Shards, base_model: bool, temperature: float) -> list[Tensor]: ...
 
 
 def _gathered_logprobs(
     workers: WorkerGroup, shards: Shards, base_model: bool, temperature: float
-) -> list[Any]:
+) -> list[Tensor]:
     """[T-1] next-token logprob rows of every sequence, in shard order (rank by rank)."""
     per_rank = workers.call_each("logprobs", [(s, base_model, temperature) for s in shards])
     return [row for rank_out in per_rank for batch in rank_out for row in batch]
@@ -80,10 +84,10 @@ class LearnerGroup:
         """One optimizer step of `objective` over every rank's micro-batches."""
         return reduce_ranks(self.workers.call_each("step", [(s, norms, objective) for s in shards]))
 
-    def logprobs(self, shards: Shards, base_model: bool = False, temperature: float = 1.0) -> list[Any]:
+    def logprobs(self, shards: Shards, base_model: bool = False, temperature: float = 1.0) -> list[Tensor]:
         return _gathered_logprobs(self.workers, shards, base_model, temperature)
 
-    def batch_logprobs(self, batch: Batch) -> Any:
+    def batch_logprobs(self, batch: Batch) -> Tensor:
         """[B, T-1] next-token logprobs of one batch (every rank runs it, as ZeRO-3 needs)."""
         return self.workers.call("logprobs", [batch])[0][0]
 
@@ -117,7 +121,7 @@ class LearnerGroup:
         """Every bucket of the weights in the object store: (refs, manifest)."""
         return next(o for o in self.workers.call("weight_buckets", bucket_mb) if o is not None)
 
-    def stream_weights(self, queues: list[Any], bucket_mb: float) -> SyncManifest:
+    def stream_weights(self, queues: list[Queue], bucket_mb: float) -> SyncManifest:
         """Feed the weights bucket by bucket into the engines' `queues`; the manifest once all are sent."""
         return next(o for o in self.workers.call("stream_weights", queues, bucket_mb) if o is not None)
 
@@ -152,7 +156,7 @@ class ReferenceGroup:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def logprobs(self, shards: Shards, base_model: bool = True, temperature: float = 1.0) -> list[Any]:
+    def logprobs(self, shards: Shards, base_model: bool = True, temperature: float = 1.0) -> list[Tensor]:
         return _gathered_logprobs(self.workers, shards, base_model, temperature)
 
     def shutdown(self) -> None:

@@ -846,7 +846,7 @@ class RolloutGroup:
         buckets: Iterable[ObjectRef[WireBucket] | Bucket],
         manifest: SyncManifest | None = None,
         probe: Probe | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[SyncReport]:
         """Push one weight version to every engine. `buckets`: ObjectRefs, or buckets (put into the
         object store here, once, and read by all engines). Any engine failing its checks, dying or not
         answering within `sync_timeout_s` raises WeightSyncError naming the version and the engine."""
@@ -858,7 +858,7 @@ class RolloutGroup:
         self.version = version
         return reports
 
-    def start_streamed_update(self, version: int, queues: Sequence[Queue]) -> list[ObjectRef[dict[str, Any]]]:
+    def start_streamed_update(self, version: int, queues: Sequence[Queue]) -> list[ObjectRef[SyncReport]]:
         """Engines start loading `version` from one queue each (filled by the learners); returns the
         pending calls for `finish_streamed_update`."""
         return [
@@ -890,10 +890,10 @@ class RolloutGroup:
     def finish_streamed_update(
         self,
         version: int,
-        pending: list[ObjectRef[dict[str, Any]]],
+        pending: list[ObjectRef[SyncReport]],
         manifest: SyncManifest | None,
         probe: Probe | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[SyncReport]:
         self._gather_sync(version, pending)
         reports = self._gather_sync(
             version, [a.verify.remote(version, manifest, probe) for a in self.workers.actors]
@@ -901,7 +901,7 @@ class RolloutGroup:
         self.version = version
         return reports
 
-    def load_lora(self, version: int, adapter_dir: str, probe: Probe | None = None) -> list[dict[str, Any]]:
+    def load_lora(self, version: int, adapter_dir: str, probe: Probe | None = None) -> list[SyncReport]:
         """Adapter-only sync: every engine serves the PEFT adapter folder `adapter_dir` (write a new folder
         per version) from now on; errors and timeouts raise WeightSyncError as in `update_weights`."""
         calls = [a.load_lora.remote(version, adapter_dir, probe) for a in self.workers.actors]
@@ -909,13 +909,13 @@ class RolloutGroup:
         self.version = version
         return reports
 
-    def _gather_sync(self, version: int, calls: list[ObjectRef[dict[str, Any]]]) -> list[dict[str, Any]]:
+    def _gather_sync(self, version: int, calls: list[ObjectRef[SyncReport]]) -> list[SyncReport]:
         import ray
 
         names = [f"{self.workers.name}-{i}" for i in range(len(calls))]
         ready, _ = ray.wait(calls, num_returns=len(calls), timeout=self.sync_timeout_s)
         done = set(ready)
-        reports: list[dict[str, Any]] = []
+        reports: list[SyncReport] = []
         errors: list[WeightSyncError] = []
         for name, ref in zip(names, calls, strict=True):
             if ref not in done:

@@ -27,7 +27,7 @@ from posttrain.weights import SyncManifest
 
 if TYPE_CHECKING:
     from posttrain.groups import LearnerGroup
-    from posttrain.rollout.engine import RolloutGroup
+    from posttrain.rollout.engine import RolloutGroup, SyncReport
 
 log = logging.getLogger("posttrain.rollout")
 
@@ -61,7 +61,7 @@ def sync_from_learners(
     bucket_mb: float = 64,
     probe_ids: list[int] | None = None,
     atol: float = 1e-4,
-) -> list[dict[str, Any]]:
+) -> list[SyncReport]:
     """Learner group -> RolloutGroup: buckets through the object store, checksums checked on every
     engine, and (with `probe_ids`) engine logprobs of that sequence checked against the learners'.
     Returns the engines' reports."""
@@ -78,7 +78,7 @@ def stream_sync_from_learners(
     max_inflight: int = 2,
     probe_ids: list[int] | None = None,
     atol: float = 1e-4,
-) -> list[dict[str, Any]]:
+) -> list[SyncReport]:
     """Pipelined variant of `sync_from_learners`: engines load bucket k while the learners gather bucket
     k+1, with at most `max_inflight` buckets queued per engine (bounded object-store use instead of a
     full copy of the model). Checksums and the probe are checked once the manifest is complete; until
@@ -105,7 +105,7 @@ def sync_lora_from_learners(
     root: str,
     probe_ids: list[int] | None = None,
     atol: float = 1e-4,
-) -> list[dict[str, Any]]:
+) -> list[SyncReport]:
     """Adapter-only sync for LoRA learners: the learners export the PEFT adapter to `root/v{version}`
     (a shared filesystem; the folder name makes vLLM load it afresh), engines started with
     `enable_lora=True` switch to it and (with `probe_ids`) prove their logprobs equal the learners'."""
