@@ -25,6 +25,10 @@ MAX_TOP_K = 20
 """vLLM's `max_logprobs` as the rollout engines start it: the most top-k entries a teacher reports."""
 
 
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+"""The divergences `loss.type` accepts (distill/losses.py reads them from here)."""
+
+
 class TeacherConfig(EngineSettings):
     """The teacher model and the vLLM engines that serve it (never trained, never synced)."""
 
@@ -59,7 +63,7 @@ class TeacherConfig(EngineSettings):
 class LossConfig(Strict):
     """Which divergence between the teacher's and the student's next-token distributions is minimised."""
 
-    type: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    type: Divergence = "forward_kl"
     """`forward_kl` KL(teacher || student), mode-covering; `reverse_kl` KL(student || teacher),
     mode-seeking; `jsd` generalised Jensen-Shannon with mixing `beta` (GKD)."""
     beta: float = Field(0.5, ge=0, le=1)

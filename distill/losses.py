@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+from posttrain.distill.config import Divergence
+
+DIVERGENCES = get_args(Divergence)
 
 
 def _check_choice(value: str, choices: Sequence[str], what: str) -> None:

@@ -7,9 +7,13 @@ Groups with fewer than two valid samples have no baseline and get 0 throughout.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+from posttrain.rl.config import Advantage
+
+ESTIMATORS = get_args(Advantage)
 
 
 def group_advantages(

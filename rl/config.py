@@ -18,6 +18,10 @@ from posttrain.rollout.config import RolloutConfig
 Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 PolicyLoss = Literal["ppo", "gspo", "sapo"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
+ISLevel = Literal["token", "sequence"]
+ISMode = Literal["truncate", "mask"]
+"""The names each choice accepts: the one source of truth (rl/losses.py and rl/advantages.py read them)."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "grpo": {"advantage": "grpo", "policy_loss": "ppo", "aggregation": "seq_mean_token_mean"},
@@ -46,9 +50,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 class ImportanceSampling(Strict):
     """Correct the train/inference mismatch: weight each token's loss by learner/engine probability."""
 
-    level: Literal["token", "sequence"] = "token"
+    level: ISLevel = "token"
     """Per token, or one ratio per sequence (geometric mean of its token ratios)."""
-    mode: Literal["truncate", "mask"] = "truncate"
+    mode: ISMode = "truncate"
     """`truncate`: weight min(ratio, cap); `mask`: weight 0 where the ratio is outside [1/cap, cap]."""
     cap: float = Field(2.0, gt=1.0)
     """Truncation / masking threshold."""
@@ -76,7 +80,7 @@ class AlgorithmConfig(Strict):
     """Entropy bonus weight (0: off; entropy is logged either way)."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the KL to the reference model (0: no reference model is run)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: KLEstimator = "k3"
     """Per-token KL estimator."""
     kl_in_reward: bool = False
     """Subtract kl_coef × KL (k1, summed over the response) from the reward instead of adding it to the loss."""

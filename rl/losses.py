@@ -10,14 +10,17 @@ reason: the caller adds them up over all parts and divides once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-POLICY_LOSSES = ("ppo", "gspo", "sapo")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-IS_LEVELS = ("token", "sequence")
-IS_MODES = ("truncate", "mask")
+from posttrain.rl.config import Aggregation, ISLevel, ISMode, KLEstimator, PolicyLoss
+
+KL_ESTIMATORS = get_args(KLEstimator)
+POLICY_LOSSES = get_args(PolicyLoss)
+AGGREGATIONS = get_args(Aggregation)
+IS_LEVELS = get_args(ISLevel)
+IS_MODES = get_args(ISMode)
 
 
 def _check_choice(value: str, choices: Sequence[str], what: str) -> None:
