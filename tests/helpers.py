@@ -32,3 +32,56 @@ def sft_config(tmp_path: Path, model: Path, **model_changes: Any) -> SFTConfig:
             "learners": {"num_learners": 2},
         },
     )
+
+
+def sync_sft_config(tmp_path: Path, model: Path, **changes: Any) -> SFTConfig:
+    """A two-step SFT config on a 32-row arithmetic task for the weight-sync tests; `changes` replace or
+    add top-level sections (model changes go in `model`)."""
+    raw: dict[str, Any] = {
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "model": {"path": str(model)},
+        "data": {
+            "train": [
+                {
+                    "path": str(tmp_path / "arith"),
+                    "build": {"builder": "arithmetic", "args": {"train_size": 32, "test_size": 4}},
+                }
+            ],
+            "max_length": 128,
+        },
+        "logging": {"progress": False},
+    }
+    return validate("sft", raw | changes)
+
+
+def vl_response_logprobs(model: Any, inputs: Any, prompt: list[int], response: list[int]) -> list[float]:
+    """Log-probabilities of `response` after the processed VL `inputs` (prompt ids `prompt`) under an HF
+    Qwen3-VL model, in fp32."""
+    import torch
+
+    ids = torch.tensor([prompt + response])
+    mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(response), dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=mm,
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+        ).logits
+    logp = torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+    return [float(x) for x in logp.gather(-1, torch.tensor(response)[:, None])[:, 0]]
+
+
+def assert_only_language_model_trained(before_file: Path, after_file: Path) -> None:
+    """The vision tower's weights are bit-identical after training, the language model's are not."""
+    import torch
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(before_file)), load_file(str(after_file))
+    vision = [k for k in before if ".visual." in k]
+    language = [k for k in before if ".language_model." in k]
+    assert vision and language and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in language)

@@ -8,6 +8,8 @@ import pytest
 
 from posttrain.synthetic.tasks import SHAPES_PROMPT, render_shapes, shape_scene
 
+from helpers import vl_response_logprobs
+
 LLM_ARGS = {
     "enforce_eager": True,
     "kv_cache_memory_bytes": 64 << 20,  # bytes, not a share of one NUMA node's RAM
@@ -53,7 +55,6 @@ def test_vllm_text_logprobs_match_hf(tiny_text_model: Path, in_process_vllm: Non
 
 
 def test_vllm_vl_generates_and_matches_hf(tiny_vl_model: Path, in_process_vllm: None) -> None:
-    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from vllm import LLM, SamplingParams
 
@@ -73,14 +74,4 @@ def test_vllm_vl_generates_and_matches_hf(tiny_vl_model: Path, in_process_vllm: 
     assert len(gen) == 8
     vllm_lp = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, gen, strict=True)]
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl_model)
-    ids = torch.tensor([prompt + gen])
-    mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(gen), dtype=torch.long)], dim=1)
-    with torch.no_grad():
-        logits = model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=mm,
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-        ).logits
-    assert hf_logprobs(logits, prompt + gen, len(prompt)) == pytest.approx(vllm_lp, abs=1e-4)
+    assert vl_response_logprobs(model, inputs, prompt, gen) == pytest.approx(vllm_lp, abs=1e-4)

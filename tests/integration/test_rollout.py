@@ -19,6 +19,8 @@ from posttrain.rollout import Probe, RolloutRequest, WeightSyncError, logprob_mi
 from posttrain.stage import prepare_inputs
 from posttrain.weights import SyncManifest, iter_buckets, put_buckets
 
+from helpers import sync_sft_config, vl_response_logprobs
+
 ENGINE_ARGS = {"gpu_memory_utilization": 0.08, "max_model_len": 512, "seed": 0}
 
 
@@ -215,32 +217,17 @@ def test_thinking_budget_closes_think_block(engines: Any, tok: Any, hf_model: to
 def test_deepspeed_learner_sync_matches_token_logprobs(
     engines: Any, tmp_path: Path, tiny_text_model: Path
 ) -> None:
-    from posttrain.config import validate
     from posttrain.data.processing import load_processing
     from posttrain.data.sft_dataset import build_sft_dataset
     from posttrain.rollout import stream_sync_from_learners, sync_from_learners
     from posttrain.sft.driver import train_step
 
-    cfg = validate(
-        "sft",
-        {
-            "output_dir": str(tmp_path / "run"),
-            "device": "cpu",
-            "model": {"path": str(tiny_text_model)},
-            "data": {
-                "train": [
-                    {
-                        "path": str(tmp_path / "arith"),
-                        "build": {"builder": "arithmetic", "args": {"train_size": 32, "test_size": 4}},
-                    }
-                ],
-                "max_length": 128,
-            },
-            "train": {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "lr": 1e-2},
-            # Two ZeRO-3 ranks: every bucket is a collective gather of partitioned parameters.
-            "learners": {"zero_stage": 3, "num_learners": 2, "cpus_per_learner": 0.5},
-            "logging": {"progress": False},
-        },
+    cfg = sync_sft_config(
+        tmp_path,
+        tiny_text_model,
+        train={"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "lr": 1e-2},
+        # Two ZeRO-3 ranks: every bucket is a collective gather of partitioned parameters.
+        learners={"zero_stage": 3, "num_learners": 2, "cpus_per_learner": 0.5},
     )
     model_path = prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path)
@@ -317,49 +304,22 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
     closed = budgeted.samples[0]  # phase 2 re-sends the unexpanded ids with the image: same expansion
     assert budgeted.prompt_token_ids == prompt and len(closed.token_ids) == 6 and closed.forced == [2, 3]
     for s in res.samples:
-        seq = torch.tensor([prompt + s.token_ids])
-        mm = torch.cat(
-            [inputs["mm_token_type_ids"], torch.zeros(1, len(s.token_ids), dtype=torch.long)], dim=1
-        )
-        with torch.no_grad():
-            logits = model(
-                input_ids=seq,
-                attention_mask=torch.ones_like(seq),
-                mm_token_type_ids=mm,
-                pixel_values=inputs["pixel_values"],
-                image_grid_thw=inputs["image_grid_thw"],
-            ).logits
-        logp = torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
-        hf = logp.gather(-1, torch.tensor(s.token_ids)[:, None])[:, 0].tolist()
+        hf = vl_response_logprobs(model, inputs, prompt, s.token_ids)
         assert logprob_mismatch(s.logprobs, hf)["max_abs"] < 1e-4
 
 
 def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path) -> None:
-    from posttrain.config import validate
     from posttrain.data.processing import load_processing
     from posttrain.data.sft_dataset import build_sft_dataset
     from posttrain.rollout import RolloutGroup, sync_lora_from_learners
     from posttrain.sft.driver import train_step
 
-    cfg = validate(
-        "sft",
-        {
-            "output_dir": str(tmp_path / "run"),
-            "device": "cpu",
-            "model": {"path": str(tiny_text_model), "lora": {"r": 4, "alpha": 8}},
-            "data": {
-                "train": [
-                    {
-                        "path": str(tmp_path / "arith"),
-                        "build": {"builder": "arithmetic", "args": {"train_size": 32, "test_size": 4}},
-                    }
-                ],
-                "max_length": 128,
-            },
-            "train": {"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 2e-2},
-            "learners": {"cpus_per_learner": 0.5},  # beside the module's engines (1 CPU) on 2 cores
-            "logging": {"progress": False},
-        },
+    cfg = sync_sft_config(
+        tmp_path,
+        tiny_text_model,
+        model={"path": str(tiny_text_model), "lora": {"r": 4, "alpha": 8}},
+        train={"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 2e-2},
+        learners={"cpus_per_learner": 0.5},  # beside the module's engines (1 CPU) on 2 cores
     )
     model_path = prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
     processing, is_vl = load_processing(model_path)
