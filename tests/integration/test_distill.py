@@ -159,7 +159,7 @@ def test_vl_student_distilled_on_text_keeps_its_vision(
         )
     )
     rows = _train_rows(out)
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["grad_norm"] > 0
+    assert [r["step"] for r in rows] == [1, 2]
     assert_only_language_model_trained(tiny_vl_model / "model.safetensors", out / "final/model.safetensors")
 
     processor = AutoProcessor.from_pretrained(out / "final")
