@@ -1,9 +1,9 @@
 """Input builders: plugins that write a missing model folder or dataset, named like rewards are.
 
 A config's `build: {builder: NAME, args: {...}}` (under `model` or a dataset spec) names one. Four ways to
-name a builder: a built-in (the synthetic home's `tiny_model`, `arithmetic`, `shapes`), an entry point in
-the group `posttrain.builders`, `module:attr`, or `path/to/file.py:attr`, where the attribute is a
-`Builder` made with the decorator:
+name a builder: a built-in (the synthetic home's `tiny_model`, `qwen3_shape`, `arithmetic`, `shapes`), an
+entry point in the group `posttrain.builders`, `module:attr`, or `path/to/file.py:attr`, where the
+attribute is a `Builder` made with the decorator:
 
     class MyArgs(Strict):
         rows: int = 100  # (a docstring under each field, as in posttrain.config)

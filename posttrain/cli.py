@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser(
         "build",
         help=build_help,
-        description=f"{build_help}, e.g. `posttrain build tiny_model runs/models/tiny-vl kind=vl` or "
+        description=f"{build_help}, e.g. `posttrain build tiny_model runs/models/tiny-vl kind=vl`, "
+        "`posttrain build qwen3_shape runs/models/qwen3-0.6b-2layer shape=qwen3-0.6b layers=2` or "
         "`posttrain build arithmetic runs/data/arithmetic train_size=8000`.",
     )
     build.add_argument("builder", help="a built-in builder, an entry point, module:attr or file.py:attr")

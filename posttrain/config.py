@@ -43,7 +43,7 @@ class BuildSpec(Strict):
     """What the builder must make here (None: either)."""
 
     builder: str
-    """A built-in builder (`tiny_model`, and the synthetic tasks `arithmetic` and `shapes`), an entry point
+    """A built-in builder (`tiny_model`, `qwen3_shape`, and the synthetic tasks `arithmetic` and `shapes`), an entry point
     in the group `posttrain.builders`, `module:attr`, or `path/to/file.py:attr` (see posttrain.builders)."""
     args: dict[str, Any] = {}
     """The builder's own arguments, checked against the types it declares when the config is read."""

@@ -2,8 +2,9 @@
 (no downloads) for tests, benchmarks and the CPU demo.
 
     models    tiny models with a locally trained tokenizer (`build_tiny_model`, `TinyModel`)
+    shapes    random models of Qwen3-0.6B's / Qwen3-VL-2B's published shapes (`build_qwen3_shape`)
     tasks     addition and shape counting written as parquet splits with their task card (`write_task`)
-    builders  the `tiny_model`, `arithmetic` and `shapes` builders that configs name under `build:`
+    builders  the `tiny_model`, `qwen3_shape`, `arithmetic` and `shapes` builders that configs name under `build:`
 
 Nothing in the core package imports this one: configs reach it through the builder names (see
 posttrain.builders), and each task names the reward that verifies it.

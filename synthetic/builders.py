@@ -3,6 +3,8 @@
     model:
       path: runs/models/tiny-text
       build: {builder: tiny_model, args: {kind: text, size: tiny}}
+      # or Qwen3-0.6B's published shape, random, cut to 2 blocks (full width and vocabulary):
+      # build: {builder: qwen3_shape, args: {shape: qwen3-0.6b, layers: 2}}
     data:
       train:
         - path: runs/data/arithmetic
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from posttrain.builders import builder
 from posttrain.synthetic.models import TinyModel, build_tiny_model
+from posttrain.synthetic.shapes import Qwen3Shape, build_qwen3_shape
 from posttrain.synthetic.tasks import VERIFIERS, TaskArgs, TinyTask, write_task
 
 
@@ -25,6 +28,13 @@ from posttrain.synthetic.tasks import VERIFIERS, TaskArgs, TinyTask, write_task
 def tiny_model(path: Path, args: TinyModel) -> None:
     """A tiny random Qwen3 (`kind: text`) or Qwen3-VL (`kind: vl`) with its tokenizer."""
     build_tiny_model(path, args.kind, args.size, args.seed)
+
+
+@builder("qwen3_shape", makes="model", args=Qwen3Shape)
+def qwen3_shape(path: Path, args: Qwen3Shape) -> None:
+    """A random model of Qwen3-0.6B's or Qwen3-VL-2B-Instruct's published shape, with a tokenizer covering
+    all 151,936 ids."""
+    build_qwen3_shape(path, args)
 
 
 @builder("arithmetic", makes="dataset", args=TaskArgs, verifier=VERIFIERS["arithmetic"])

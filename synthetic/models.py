@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +104,7 @@ VISION = {
     "intermediate_size": 128,
     "num_heads": 2,
     "num_position_embeddings": 256,
+    "deepstack_visual_indexes": [0, 1],
 }
 
 
@@ -114,11 +115,11 @@ def _chat_pieces(seed: int) -> Iterator[str]:
         yield from (f"user\n{prompt}", f"\n{reasoning}\n", f"\n\n{answer}")
 
 
-def build_tokenizer(seed: int = 0) -> Any:
-    """Byte-level BPE with Qwen's pre-tokenizer, trained on the synthetic tasks and chat scaffolding."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+def train_bpe(seed: int = 0) -> Any:
+    """Byte-level BPE with Qwen's pre-tokenizer, trained on the synthetic tasks and chat scaffolding (a
+    `tokenizers.Tokenizer`: SPECIAL_TOKENS at ids 0-6, then the learned tokens; no think tokens yet)."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(BPE())
     tok.normalizer = normalizers.NFC()
@@ -136,16 +137,32 @@ def build_tokenizer(seed: int = 0) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(_chat_pieces(seed), trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return tok
+
+
+def wrap_tokenizer(tok: Any, extra_special_tokens: list[str], model_max_length: int = 4096) -> Any:
+    """`tok` as a transformers tokenizer with Qwen's roles (eos <|im_end|>, pad <|endoftext|>) and the
+    chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=SPECIAL_TOKENS[1:],
+        extra_special_tokens=extra_special_tokens,
         chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
+
+
+def build_tokenizer(seed: int = 0) -> Any:
+    """The tiny models' tokenizer: the trained BPE with <think>/</think> added last (ids 380, 381)."""
+    from tokenizers import AddedToken
+
+    tok = train_bpe(seed)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return wrap_tokenizer(tok, SPECIAL_TOKENS[1:])
 
 
 def _text_config(tokenizer: Any, size: str) -> dict[str, Any]:
@@ -163,39 +180,46 @@ def _text_config(tokenizer: Any, size: str) -> dict[str, Any]:
     }
 
 
-def _model_config(tokenizer: Any, kind: str, size: str) -> Any:
+def qwen3_config(tokenizer: Any, kind: str, text: dict[str, Any], vision: dict[str, Any]) -> Any:
+    """A Qwen3Config (`text`) or Qwen3VLConfig (`vl`, with its `vision` tower) from the text dims, with the
+    tokenizer's multimodal ids and Qwen3's rope (theta 1e6; Qwen3-VL: 5e6 with interleaved mrope)."""
     from transformers import Qwen3Config, Qwen3VLConfig
 
-    text = _text_config(tokenizer, size)
     if kind == "text":
         return Qwen3Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     half = text["head_dim"] // 2  # mrope sections (t, h, w) split the rotary half of head_dim
     section = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
-    text["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": 5e6,
-        "mrope_section": section,
-        "mrope_interleaved": True,
+    text = {
+        **text,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": section,
+            "mrope_interleaved": True,
+        },
     }
     ids = {
         f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{name}|>")
-        for name in ("vision_start", "vision_end")
+        for name in ("vision_start", "vision_end", "image_pad", "video_pad")
     }
     return Qwen3VLConfig(
         text_config=text,
         vision_config={
-            **VISION,
+            **vision,
             "patch_size": 16,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "out_hidden_size": text["hidden_size"],
-            "deepstack_visual_indexes": [0, 1],
         },
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        tie_word_embeddings=False,
+        image_token_id=ids.pop("image_pad_token_id"),
+        video_token_id=ids.pop("video_pad_token_id"),
+        tie_word_embeddings=text["tie_word_embeddings"],
         **ids,
     )
+
+
+def _model_config(tokenizer: Any, kind: str, size: str) -> Any:
+    return qwen3_config(tokenizer, kind, _text_config(tokenizer, size), VISION)
 
 
 def build_processor(tokenizer: Any) -> Any:
@@ -215,21 +239,45 @@ def build_processor(tokenizer: Any) -> Any:
     )
 
 
-def _write(out: Path, kind: str, size: str, seed: int) -> None:
+def save_model(out: Path, config: Any, tokenizer: Any, seed: int, dtype: str = "float32") -> None:
+    """Random weights for `config` (seeded, made in `dtype`, which the safetensors keep) saved at `out`
+    with the tokenizer, or for Qwen3-VL the processor around it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
-    tokenizer = build_tokenizer(seed)
-    config = _model_config(tokenizer, kind, size)
-    auto = AutoModelForCausalLM if kind == "text" else AutoModelForImageTextToText
+    vl = "vision_config" in config.to_dict()
+    auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(seed)
-        model = auto.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = auto.from_config(config, attn_implementation="sdpa", dtype=getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
     )
     model.save_pretrained(out)
-    (build_processor(tokenizer) if kind == "vl" else tokenizer).save_pretrained(out)
+    (build_processor(tokenizer) if vl else tokenizer).save_pretrained(out)
+
+
+def _write(out: Path, kind: str, size: str, seed: int) -> None:
+    tokenizer = build_tokenizer(seed)
+    save_model(out, _model_config(tokenizer, kind, size), tokenizer, seed)
+
+
+def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` in a temporary sibling folder renamed to `out_dir` when it is done: a killed build
+    leaves no half folder, and a concurrent builder that finished first wins."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared folder
+    try:
+        write(tmp)
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():  # not a concurrent builder that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def build_tiny_model(
@@ -239,16 +287,4 @@ def build_tiny_model(
     seed: int = 0,
 ) -> Path:
     """Write a complete random Qwen3 (`text`) or Qwen3-VL (`vl`) folder at `out_dir`, atomically."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared folder
-    try:
-        _write(tmp, kind, size, seed)
-        os.rename(tmp, out)
-    except OSError:
-        if not (out / "config.json").is_file():  # not a concurrent builder that finished first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_atomically(out_dir, lambda tmp: _write(tmp, kind, size, seed))

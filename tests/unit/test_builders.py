@@ -103,7 +103,10 @@ def test_build_entries_stay_strict() -> None:
 
 def test_unknown_builder_lists_builtins_and_forms() -> None:
     message = error_of(sft(model={"path": "m", "build": {"builder": "tiny_modl"}}))
-    assert "model.build: unknown builder 'tiny_modl'. Built-in: arithmetic, shapes, tiny_model." in message
+    assert (
+        "model.build: unknown builder 'tiny_modl'. Built-in: arithmetic, qwen3_shape, shapes, tiny_model."
+        in message
+    )
     assert "'posttrain.builders'" in message and "'module:function' or 'path/to/file.py:function'" in message
     assert {"tiny_model", "arithmetic", "shapes"} <= set(available_builders())
 
@@ -196,7 +199,8 @@ def test_synthetic_argument_models_document_every_field() -> None:
 
     from posttrain.data.cards import TaskCard
     from posttrain.synthetic.models import TinyModel
+    from posttrain.synthetic.shapes import Qwen3Shape
     from posttrain.synthetic.tasks import TaskArgs, TinyTask
 
-    models: list[type[BaseModel]] = [TinyModel, TaskArgs, TinyTask, TaskCard]
+    models: list[type[BaseModel]] = [TinyModel, Qwen3Shape, TaskArgs, TinyTask, TaskCard]
     assert not [f"{m.__name__}.{n}" for m in models for n, f in m.model_fields.items() if not f.description]
