@@ -222,6 +222,7 @@ def distill_update(
         "loss_tokens": float(targets),
         "tokens_per_s": sum(len(r.token_ids) for r in rows) / seconds,
         "step_seconds": seconds,
+        "memory/learner_peak_gib": stats.peak_gib,
     }
     if "teacher_topk_mass_sum" in totals:
         record["distill/teacher_topk_mass"] = totals["teacher_topk_mass_sum"] / tokens

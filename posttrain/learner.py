@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from posttrain.checkpoint import capture_rng, load_state, restore_rng, save_state
 from posttrain.config import TrainingStage, stage_model
 from posttrain.losses import lr_multiplier, next_token_logprobs
+from posttrain.memory import PeakMemory
 from posttrain.metrics import quiet_libraries
 from posttrain.objectives import Norms, Objective, StepStats, merge_stats
 from posttrain.weights import SyncManifest, put_module_buckets, stream_module_buckets
@@ -151,8 +152,16 @@ class Learner:
         we scale those back: any split of the global batch over learners and micro-batches gives the
         same gradient."""
         assert len(micro_batches) == self.engine.gradient_accumulation_steps()
-        scale = self.world_size * len(micro_batches)
         lr = float(self.engine.get_lr()[0])
+        with PeakMemory(self.device) as memory:  # the step's peak: what sizes a real model's batch
+            sums, grad_norm = self._accumulate(micro_batches, norms, objective)
+        return StepStats(sums, grad_norm, lr, memory.peak_gib)
+
+    def _accumulate(
+        self, micro_batches: list[Batch], norms: Norms, objective: Objective
+    ) -> tuple[dict[str, float], float]:
+        """(summed statistics, gradient norm before clipping) of the step's forward/backward passes."""
+        scale = self.world_size * len(micro_batches)
         sums: dict[str, float] = {}
         grad_norm = None
         for batch in micro_batches:
@@ -168,7 +177,7 @@ class Learner:
             merge_stats(sums, {**{k: float(v) for k, v in stats.items()}, "loss": float(loss.detach())})
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        return StepStats(sums, float(grad_norm), lr)
+        return sums, float(grad_norm)
 
     def logprobs(
         self, batches: list[Batch], base_model: bool = False, temperature: float = 1.0

@@ -67,18 +67,22 @@ def merge_stats(into: dict[str, float], stats: dict[str, float]) -> dict[str, fl
 @dataclass
 class StepStats:
     """One optimizer step's result across Ray: summed objective statistics (and `loss`), the gradient
-    norm before clipping and the learning rate the step used (equal on every rank)."""
+    norm before clipping, the learning rate the step used (equal on every rank) and the step's peak
+    memory in GiB (see posttrain.memory; over ranks, the largest)."""
 
     sums: dict[str, float] = field(default_factory=dict)
     grad_norm: float = 0.0
     lr: float = 0.0
+    peak_gib: float = 0.0
 
 
 def reduce_ranks(per_rank: list[StepStats]) -> StepStats:
     """The step as a whole: statistics merged over ranks; grad_norm and lr (the same on every rank after
-    DeepSpeed's all-reduce) averaged."""
+    DeepSpeed's all-reduce) averaged; the peak memory of the rank that needed most, which is what has to
+    fit on every device."""
     sums: dict[str, float] = {}
     for stats in per_rank:
         merge_stats(sums, stats.sums)
     n = len(per_rank)
-    return StepStats(sums, sum(s.grad_norm for s in per_rank) / n, sum(s.lr for s in per_rank) / n)
+    grad_norm, lr = sum(s.grad_norm for s in per_rank) / n, sum(s.lr for s in per_rank) / n
+    return StepStats(sums, grad_norm, lr, max(s.peak_gib for s in per_rank))

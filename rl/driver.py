@@ -289,6 +289,7 @@ def update_metrics(updates: list[StepStats]) -> dict[str, float]:
         "actor/tokens": tokens / n,
         "mismatch/mean_abs": totals.get("mismatch_sum", 0.0) / tokens,
         "mismatch/max_abs": totals.get("mismatch_max", 0.0),
+        "memory/learner_peak_gib": max(u.peak_gib for u in updates),
     }
     if "kl_sum" in totals:
         out["actor/kl"] = totals["kl_sum"] / tokens

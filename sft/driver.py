@@ -92,6 +92,7 @@ def train_step(learners: LearnerGroup, data: SFTData, step: int, cfg: SFTConfig)
         "loss_tokens": loss_tokens,
         "padding_fraction": 1 - real_tokens / max(1, stats.sums["input_tokens"]),
         "step_seconds": seconds,
+        "memory/learner_peak_gib": stats.peak_gib,
     }
 
 

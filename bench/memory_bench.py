@@ -1,0 +1,296 @@
+"""Peak memory of one forward + backward of each learner objective at Qwen3's real vocabulary
+(V = 151,936), in bytes per (loss token × vocabulary entry) above the model's own memory.
+
+    python bench/memory_bench.py [--batch 4] [--seq-len 512] [--hidden 1024] [--layers 1]
+                                 [--dtype float32|bfloat16] [--device cpu|cuda] [--count-logits]
+                                 [--out runs/bench]
+
+The model is a random Qwen3 built here (nothing is downloaded): the real vocabulary, Qwen3-0.6B's widths
+at the default `--hidden 1024` (head_dim 128, intermediate 3 × hidden), `--layers` decoder layers, untied
+LM head. The objectives are the learner's own, called as `Learner.step` calls them: SFT's `NLL`, RL's
+`RLObjective` (default GRPO config, entropy_coef 0 and 0.01; on-policy, no KL), distillation's
+`DistillObjective` (top-16 forward KL with the tail bucket; the sampled reverse-KL estimator). Every one of
+the B × T tokens but each row's last carries loss, so loss tokens = B × (T - 1).
+
+Each objective runs in a fresh child process (peaks never leak from one to the next): a warm-up pass on a
+short batch (kernels, allocator, and the parameters' gradient buffers), then the measured pass in three
+phases, each read by posttrain.memory.PeakMemory (the reader behind `memory/learner_peak_gib`: peak RSS
+through the kernel's resettable high-water mark on CPU, the allocator's peak on CUDA): the model's forward,
+the objective's call (its forward: what it keeps for backward), and the backward. The baseline is the
+memory in use when the forward begins: weights, gradient buffers, inputs and the objective's batch, plus,
+with `--count-logits`, the size of the forward's logits tensor (counted as the model's own, so the figures
+are what the loss path adds on top of it). Prints a table and writes `OUT/memory_bench.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import common  # bench/ is on sys.path when run
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from posttrain.objectives import Objective, Tensors
+
+VOCAB = 151_936  # Qwen3's (and Qwen3-VL's) vocabulary
+HEAD_DIM = 128  # Qwen3's
+WARMUP_SHAPE = (1, 16)  # B, T of the untimed first pass
+ENTROPY_COEF = 0.01
+TOP_K = 16
+OBJECTIVES = ("sft", "rl", "rl_entropy", "distill_topk16", "distill_sampled")
+COLUMNS = ["objective", "peak GiB", "B/(tok·V)", "forward", "loss", "held", "backward", "seconds"]
+FORMATS = ["<16", ">8.2f", ">9.2f", ">7.2f", ">6.2f", ">6.2f", ">8.2f", ">7.1f"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = common.parser(__doc__)
+    p.add_argument("--batch", type=int, default=4, help="sequences per forward (B)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (T)")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size (a multiple of 128)")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--count-logits", action="store_true", help="the logits tensor is part of the baseline")
+    p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    p.add_argument("--measure", choices=OBJECTIVES, help=argparse.SUPPRESS)  # the child's one objective
+    return common.parse(p)
+
+
+# ------------------------------------------------------------------------------------ model and batches
+
+
+def build_model(args: argparse.Namespace) -> Any:
+    """A random Qwen3 of the real vocabulary and `--hidden` / `--layers`, in training mode on `--device`."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    heads = args.hidden // 64  # Qwen3-0.6B: hidden 1024, 16 query heads of 128 (2 × hidden), 8 KV heads
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=HEAD_DIM,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    model: Any = Qwen3ForCausalLM(config)
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).train()
+
+
+def sft_batch(ids: Tensor) -> tuple[Objective, Tensors]:
+    from posttrain.objectives import NLL
+
+    return NLL(), {"labels": ids.clone()}
+
+
+def rl_batch(entropy_coef: float) -> Callable[[Tensor], tuple[Objective, Tensors]]:
+    """An on-policy first update (no old logprobs: the current weights are the old policy), every response
+    token counting."""
+
+    def make(ids: Tensor) -> tuple[Objective, Tensors]:
+        import torch
+
+        from posttrain.rl.config import AlgorithmConfig
+        from posttrain.rl.objective import RLObjective
+
+        b, t = ids.shape
+        batch = {
+            "response_mask": torch.ones(b, t - 1, device=ids.device),
+            "advantages": torch.randn(b, device=ids.device),
+            "engine_logprobs": -torch.rand(b, t - 1, device=ids.device),
+        }
+        return RLObjective(AlgorithmConfig(entropy_coef=entropy_coef)), batch
+
+    return make
+
+
+def distill_topk_batch(ids: Tensor) -> tuple[Objective, Tensors]:
+    """The teacher's top-16: distinct ids per position, log-probabilities holding most (not all) mass."""
+    import torch
+
+    from posttrain.distill.config import LossConfig
+    from posttrain.distill.objective import DistillObjective
+
+    b, t = ids.shape
+    first = torch.randint(VOCAB, (b, t - 1, 1), device=ids.device)
+    topk_ids = (first + torch.arange(TOP_K, device=ids.device)) % VOCAB
+    topk_logp = torch.log_softmax(torch.randn(b, t - 1, TOP_K + 1, device=ids.device), dim=-1)[..., :TOP_K]
+    batch = {
+        "loss_mask": torch.ones(b, t - 1, device=ids.device),
+        "topk_ids": topk_ids,
+        "topk_logp": topk_logp,
+    }
+    return DistillObjective(LossConfig(type="forward_kl", top_k=TOP_K)), batch
+
+
+def distill_sampled_batch(ids: Tensor) -> tuple[Objective, Tensors]:
+    """On-policy distillation's one entry per position: the sampled token and the teacher's logprob of it."""
+    import torch
+
+    from posttrain.distill.config import LossConfig
+    from posttrain.distill.objective import DistillObjective
+
+    b, t = ids.shape
+    batch = {
+        "loss_mask": torch.ones(b, t - 1, device=ids.device),
+        "topk_ids": ids[:, 1:, None].clone(),
+        "topk_logp": -torch.rand(b, t - 1, 1, device=ids.device),
+    }
+    return DistillObjective(LossConfig(type="reverse_kl", estimator="sampled")), batch
+
+
+BATCHES: dict[str, Callable[[Tensor], tuple[Objective, Tensors]]] = {
+    "sft": sft_batch,
+    "rl": rl_batch(0.0),
+    "rl_entropy": rl_batch(ENTROPY_COEF),
+    "distill_topk16": distill_topk_batch,
+    "distill_sampled": distill_sampled_batch,
+}
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+@dataclass
+class Phase:
+    """One sub-step of the measured pass: bytes in use when it began, at its peak and when it ended."""
+
+    start: int
+    peak: int
+    end: int
+    seconds: float
+
+
+def measured(device: str, fn: Callable[[], Any]) -> tuple[Any, Phase]:
+    """`fn()` and its Phase (on CUDA the clock and the reading wait for its kernels)."""
+    import torch
+
+    from posttrain.memory import PeakMemory, in_use_bytes
+
+    began = time.perf_counter()
+    with PeakMemory(device) as memory:
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    phase = Phase(memory.start_bytes, memory.peak_bytes, in_use_bytes(device), time.perf_counter() - began)
+    return out, phase
+
+
+def one_pass(model: Any, name: str, shape: tuple[int, int], device: str) -> tuple[dict[str, Phase], int]:
+    """Forward, the objective and backward on a random [B, T] batch: (each phase, the logits' bytes)."""
+    import torch
+
+    from posttrain.objectives import Norms
+
+    b, t = shape
+    ids = torch.randint(VOCAB, shape, device=device)
+    objective, batch = BATCHES[name](ids)
+    norms = Norms(tokens=float(b * (t - 1)), seqs=float(b), norm_length=float(t - 1))
+    logits, forward = measured(device, lambda: model(input_ids=ids, use_cache=False).logits)
+    (loss, _), loss_phase = measured(device, lambda: objective(logits, ids, batch, norms))
+    _, backward = measured(device, loss.backward)  # the logits stay alive, as in Learner.step
+    return {
+        "forward": forward,
+        "loss": loss_phase,
+        "backward": backward,
+    }, logits.numel() * logits.element_size()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The child's one objective: a warm-up pass, then the measured one."""
+    import torch
+
+    torch.manual_seed(0)
+    threads = common.use_all_cores()
+    model = build_model(args)
+    one_pass(model, args.measure, WARMUP_SHAPE, args.device)
+    model.zero_grad(set_to_none=False)  # the gradient buffers stay: they are the model's own
+    phases, logits_bytes = one_pass(model, args.measure, (args.batch, args.seq_len), args.device)
+    return {
+        "threads": threads,
+        "logits_bytes": logits_bytes,
+        "phases": {k: asdict(v) for k, v in phases.items()},
+    }
+
+
+def run_child(args: argparse.Namespace, name: str, folder: Path) -> dict[str, Any]:
+    """`name` measured in a fresh process (this script with `--measure`); its result."""
+    import json
+
+    result = folder / f"{name}.json"
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--measure", name]
+    common.run_logged(cmd, folder / f"{name}.log", f"memory bench {name}")
+    data: dict[str, Any] = json.loads(result.read_text())
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def summarise(args: argparse.Namespace, name: str, child: dict[str, Any]) -> dict[str, Any]:
+    """Figures of one objective: every phase's peak (and what the objective holds after its call) above
+    the baseline, in bytes per (loss token × vocabulary entry), and the whole pass's peak."""
+    phases = {k: Phase(**v) for k, v in child["phases"].items()}
+    baseline = phases["forward"].start + (child["logits_bytes"] if args.count_logits else 0)
+    unit = args.batch * (args.seq_len - 1) * VOCAB
+    above = {k: (p.peak - baseline) / unit for k, p in phases.items()}
+    peak = max(p.peak for p in phases.values()) - baseline
+    return {
+        "objective": name,
+        "baseline_bytes": baseline,
+        "peak_above_baseline_bytes": peak,
+        "bytes_per_token_vocab": peak / unit,
+        "phase_peak_bytes_per_token_vocab": above,
+        "held_after_loss_bytes_per_token_vocab": (phases["loss"].end - baseline) / unit,
+        "seconds": sum(p.seconds for p in phases.values()),
+        **child,
+    }
+
+
+def table_row(s: dict[str, Any]) -> list[Any]:
+    phase = s["phase_peak_bytes_per_token_vocab"]
+    held = s["held_after_loss_bytes_per_token_vocab"]
+    gib = s["peak_above_baseline_bytes"] / 2**30
+    bpv = s["bytes_per_token_vocab"]
+    return [s["objective"], gib, bpv, phase["forward"], phase["loss"], held, phase["backward"], s["seconds"]]
+
+
+def main() -> None:
+    args = parse_args()
+    folder = args.out / "memory_bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.measure:
+        common.write_json(folder / f"{args.measure}.json", measure(args))
+        return
+    log = common.RunLog()
+    summaries = [summarise(args, n, log.run(n, n, run_child, args, n, folder)) for n in args.objectives]
+    tokens = args.batch * (args.seq_len - 1)
+    baseline = "weights + gradient buffers + inputs" + (" + the logits tensor" if args.count_logits else "")
+    print(
+        f"\nMemory bench: V = {VOCAB}, hidden {args.hidden}, {args.layers} layer(s), {args.dtype} on "
+        f"{args.device}, B × T = {args.batch} × {args.seq_len} ({tokens} loss tokens); "
+        f"1 B/(tok·V) = {tokens * VOCAB / 2**30:.2f} GiB; logits tensor "
+        f"{summaries[0]['logits_bytes'] / (tokens * VOCAB):.2f} B/(tok·V); baseline: {baseline} "
+        f"({summaries[0]['baseline_bytes'] / 2**30:.2f} GiB)"
+    )
+    print(
+        "B/(tok·V): the pass's peak above the baseline; forward / loss / backward: each phase's peak; held:"
+    )
+    print("in use when the objective returns (what autograd keeps for backward, the logits included)")
+    common.print_table(COLUMNS, FORMATS, [table_row(s) for s in summaries])
+    summary = {"args": common.args_json(args), "load_avg": log.load_avg, "results": summaries}
+    common.write_json(args.out / "memory_bench.json", summary)
+
+
+if __name__ == "__main__":
+    main()
