@@ -1,5 +1,5 @@
-"""What the benchmarks share: their common options, the tiny model and task they build, the load average and
-wall time around each measured run, the settings both sides of a comparison are pinned to (posttrain's run,
+"""What the benchmarks share: their common options, the tiny model and task they build (and its prompts as
+token ids), the load average and wall time around each measured run, child runs (logged, or time-limited), the settings both sides of a comparison are pinned to (posttrain's run,
 TRL's trainer arguments and model loading), TRL's step timer, and the table and JSON they report.
 
 The benchmarks run as scripts, so bench/ is on sys.path and they `import common`. Heavy imports (torch,
@@ -12,6 +12,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,9 +57,10 @@ def add_batches(p: argparse.ArgumentParser, default: int) -> None:
     p.add_argument("--micro-batch", type=int, default=default)
 
 
-def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
-    """Adds `--out`, parses, and checks that a global batch (where there is one) is whole micro-batches."""
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+def parse(p: argparse.ArgumentParser, out: Path = Path("runs/bench")) -> argparse.Namespace:
+    """Adds `--out` (default `out`), parses, and checks that a global batch (where there is one) is whole
+    micro-batches."""
+    p.add_argument("--out", type=Path, default=out)
     args = p.parse_args()
     if "global_batch" in args and args.global_batch % args.micro_batch:
         p.error("--global-batch must be a multiple of --micro-batch")
@@ -87,6 +89,24 @@ def arithmetic_task(out: Path) -> Path:
     if not data.is_dir():
         write_task(data, TinyTask(name="arithmetic", train_size=TRAIN_ROWS, test_size=1))
     return data
+
+
+def arithmetic_prompt_ids(model: Path, count: int) -> list[list[int]]:
+    """`count` arithmetic prompts as `model`'s chat template renders them for generation (thinking mode)."""
+    from transformers import AutoTokenizer
+
+    from posttrain.synthetic.tasks import TinyTask, arithmetic_splits
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = arithmetic_splits(TinyTask(name="arithmetic", train_size=count, test_size=1))["train"]
+    out = []
+    for row in rows:
+        chat = [{"role": "user", "content": row["messages"][0]["content"]}]
+        enc: Any = tok.apply_chat_template(
+            chat, add_generation_prompt=True, enable_thinking=True, return_dict=True
+        )
+        out.append(list(enc["input_ids"]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- the machine
@@ -134,8 +154,25 @@ def run_logged(cmd: list[str], log: Path, what: str) -> None:
     with log.open("w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
     if done.returncode:
-        tail = log.read_text().splitlines()[-LOG_TAIL_LINES:]
-        sys.exit(f"{what} failed ({done.returncode}); last lines of {log}:\n" + "\n".join(tail))
+        sys.exit(f"{what} failed ({done.returncode}); last lines of {log}:\n" + "\n".join(log_tail(log)))
+
+
+def run_limited(cmd: list[str], log: Path, limit_s: float) -> int | None:
+    """Runs `cmd` in its own session, its output in `log`; its exit code, or None when it ran past `limit_s`
+    and was killed with everything it started (a hung Ray call or engine costs only its limit)."""
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last `lines` lines of a child run's log."""
+    return log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
 
 
 # ------------------------------------------------------------------------------------ both sides pinned

@@ -63,24 +63,6 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def prompt_ids(model: Path, count: int) -> list[list[int]]:
-    """`count` arithmetic prompts as the chat template renders them for generation (thinking mode)."""
-    from transformers import AutoTokenizer
-
-    from posttrain.synthetic.tasks import TinyTask, arithmetic_splits
-
-    tok = AutoTokenizer.from_pretrained(model)
-    rows = arithmetic_splits(TinyTask(name="arithmetic", train_size=count, test_size=1))["train"]
-    out = []
-    for row in rows:
-        chat = [{"role": "user", "content": row["messages"][0]["content"]}]
-        enc: Any = tok.apply_chat_template(
-            chat, add_generation_prompt=True, enable_thinking=True, return_dict=True
-        )
-        out.append(list(enc["input_ids"]))
-    return out
-
-
 # ------------------------------------------------------------------------------------------- generation
 
 
@@ -506,7 +488,7 @@ def main() -> None:
     from posttrain.workers import init_ray
 
     model = common.tiny_model(args.out, args.size)
-    prompts = prompt_ids(model, args.prompts)
+    prompts = common.arithmetic_prompt_ids(model, args.prompts)
     load = {"before": common.load_1m()}
     init_ray(None, num_cpus=3 * args.threads)  # bare engine, posttrain engine, learner: one at a time busy
     engines = RolloutGroup(
