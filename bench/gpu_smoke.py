@@ -41,18 +41,6 @@ import common  # bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACEBACK_LINES = 12
-QWEN3_06B: dict[str, Any] = {
-    "hidden_size": 1024,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "intermediate_size": 3072,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 40960,
-}
-"""Qwen3-0.6B's shape (random weights: nothing is downloaded)."""
 NOT_ON_CPU_06B = (
     "the random Qwen3-0.6B is built on GPU only: on a few CPU cores its engine and learner take minutes"
 )
@@ -170,38 +158,9 @@ def median(xs: list[float]) -> float:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def build_qwen3_06b(out: Path, tokenizer_from: Path) -> Path:
-    """A random bf16 Qwen3 of 0.6B's shape at `out` (atomically), with the tiny tokenizer's vocabulary padded
-    by filler tokens to 151,936 ids, so every id the model samples decodes."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
-
-    tmp = out.with_name(f".{out.name}.tmp")
-    tok = AutoTokenizer.from_pretrained(tokenizer_from)
-    tok.save_pretrained(tmp)
-    spec = json.loads((tmp / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    # Added tokens (<think>, </think>) go into the model's vocabulary at their ids: tokenizers gives an added
-    # token outside it the next id after the vocabulary, which a filler would then hold too.
-    vocab.update({t["content"]: t["id"] for t in spec["added_tokens"]})
-    vocab.update({f"<|fill{i}|>": i for i in range(max(vocab.values()) + 1, QWEN3_06B["vocab_size"])})
-    (tmp / "tokenizer.json").write_text(json.dumps(spec))
-    config = Qwen3Config(
-        **QWEN3_06B,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(tmp)
-    os.rename(tmp, out)
-    return out
-
-
 def phase_models(s: Smoke) -> dict[str, Any]:
     from posttrain.synthetic.models import build_tiny_model
+    from posttrain.synthetic.shapes import Qwen3Shape, build_qwen3_shape
 
     built: dict[str, Any] = {}
     tiny: dict[str, Any] = {"tiny-text": "text", "tiny-vl": "vl"}
@@ -215,7 +174,7 @@ def phase_models(s: Smoke) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         if not (s.policy / "config.json").is_file():
-            build_qwen3_06b(s.policy, s.model("tiny-text"))
+            build_qwen3_shape(s.policy, Qwen3Shape(shape="qwen3-0.6b"))
         built["qwen3-0.6b-shape"] = {"seconds": time.perf_counter() - t0}
         device = {"gpus": torch.cuda.device_count(), "name": torch.cuda.get_device_name(0)}
     else:
