@@ -34,13 +34,13 @@ def sft_config(tmp_path: Path, model: Path, **model_changes: Any) -> SFTConfig:
     )
 
 
-def sync_sft_config(tmp_path: Path, model: Path, **changes: Any) -> SFTConfig:
-    """A two-step SFT config on a 32-row arithmetic task for the weight-sync tests; `changes` replace or
-    add top-level sections (model changes go in `model`)."""
+def sync_sft_config(tmp_path: Path, model_path: Path, **sections: Any) -> SFTConfig:
+    """An SFT config on a 32-row arithmetic task for the weight-sync tests; `sections` replace or add
+    top-level sections (a LoRA run passes its whole `model`)."""
     raw: dict[str, Any] = {
         "output_dir": str(tmp_path / "run"),
         "device": "cpu",
-        "model": {"path": str(model)},
+        "model": {"path": str(model_path)},
         "data": {
             "train": [
                 {
@@ -52,7 +52,7 @@ def sync_sft_config(tmp_path: Path, model: Path, **changes: Any) -> SFTConfig:
         },
         "logging": {"progress": False},
     }
-    return validate("sft", raw | changes)
+    return validate("sft", raw | sections)
 
 
 def vl_response_logprobs(model: Any, inputs: Any, prompt: list[int], response: list[int]) -> list[float]:
