@@ -165,19 +165,25 @@ class Learner:
         sums: dict[str, float] = {}
         grad_norm = None
         for batch in micro_batches:
-            inputs, rest = split_model_inputs(batch, self.device)
-            # No KV cache: with one, transformers stops reading packed rows' position ids as sample
-            # boundaries and samples would attend to each other.
-            logits = self.engine(**inputs, use_cache=False).logits
-            loss, stats = objective(logits, inputs["input_ids"], rest, norms)
-            self.engine.backward(loss * scale)
+            stats = self._backward(batch, norms, objective, scale)
             if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO optimizers report their own
             self.engine.step()
-            merge_stats(sums, {**{k: float(v) for k, v in stats.items()}, "loss": float(loss.detach())})
+            merge_stats(sums, stats)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         return sums, float(grad_norm)
+
+    def _backward(self, batch: Batch, norms: Norms, objective: Objective, scale: float) -> dict[str, float]:
+        """Forward and backward of one micro-batch, its statistics as floats. Its own function so the
+        logits are freed when it returns, not held through the next micro-batch's forward."""
+        inputs, rest = split_model_inputs(batch, self.device)
+        # No KV cache: with one, transformers stops reading packed rows' position ids as sample
+        # boundaries and samples would attend to each other.
+        logits = self.engine(**inputs, use_cache=False).logits
+        loss, stats = objective(logits, inputs["input_ids"], rest, norms)
+        self.engine.backward(loss * scale)
+        return {**{k: float(v) for k, v in stats.items()}, "loss": float(loss.detach())}
 
     def logprobs(
         self, batches: list[Batch], base_model: bool = False, temperature: float = 1.0
