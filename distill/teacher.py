@@ -15,7 +15,7 @@ from typing import Any
 
 from posttrain.config import ConfigError
 from posttrain.data.order import epoch_order
-from posttrain.data.processing import load_processing, tokenizer_of
+from posttrain.data.processing import load_processing, pad_id, tokenizer_of
 from posttrain.distill.batch import Sequence, encode_sequences
 from posttrain.distill.config import MAX_TOP_K, DistillConfig
 from posttrain.distill.topk_store import (
@@ -45,8 +45,7 @@ class Student:
 
     @property
     def pad_id(self) -> int:
-        tok = self.tokenizer
-        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return pad_id(self.tokenizer)
 
 
 def prepare_teacher(cfg: DistillConfig, student: Student) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from posttrain.data.processing import load_processing, tokenizer_of
+from posttrain.data.processing import load_processing, pad_id, tokenizer_of
 from posttrain.groups import LearnerGroup, LogprobSource, ReferenceGroup, shard_batches
 from posttrain.objectives import Norms, StepStats, merge_stats
 from posttrain.rewards.builtin import overlong_penalty
@@ -234,7 +234,7 @@ class RLStage(OnPolicyStage):
     def logprobs(self, source: LogprobSource, episodes: list[Episode], base_model: bool) -> list[list[float]]:
         """Response-token logprobs under `source` (learners or reference), sequences split evenly over
         its ranks."""
-        pad = _pad_id(self.tokenizer)
+        pad = pad_id(self.tokenizer)
         micro = self.cfg.train.micro_batch_size
         shards = shard_batches(episodes, len(source), micro, lambda es: model_inputs(es, pad))
         rows = source.logprobs(shards, base_model, self.cfg.rollout.temperature)
@@ -247,7 +247,7 @@ class RLStage(OnPolicyStage):
             len(experience), generator=torch.Generator().manual_seed(cfg.train.seed + step)
         ).tolist()
         per_update = len(experience) // cfg.train.mini_batches
-        pad, mask_truncated = _pad_id(self.tokenizer), cfg.algorithm.mask_truncated
+        pad, mask_truncated = pad_id(self.tokenizer), cfg.algorithm.mask_truncated
         objective = RLObjective(cfg.algorithm)
         updates: list[StepStats] = []
         for _ in range(cfg.train.epochs_per_batch):
@@ -374,11 +374,6 @@ def _think_tokens(e: Episode, think_end: int) -> int:
     if e.sample.thinking_tokens is not None:
         return int(e.sample.thinking_tokens)
     return e.response.index(think_end) + 1 if think_end in e.response else 0
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
 
 
 def _mean(values: list[Any]) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 
 from posttrain.config import DatasetSpec, EvalConfig
 from posttrain.data.cards import dataset_verifier
-from posttrain.data.processing import tokenizer_of
+from posttrain.data.processing import pad_id, tokenizer_of
 from posttrain.data.prompts import build_eval_prompts
 from posttrain.groups import LearnerGroup
 from posttrain.rewards.registry import Batch, LoadedReward, call_reward, load_reward
@@ -81,8 +81,7 @@ class EvalSet:
         verifier = Verifier.load(*dataset_verifier(spec))
         tok = tokenizer_of(processing)
         prompts = build_eval_prompts(spec, processing, cfg.thinking, cfg.max_samples, needs=verifier.needs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return cls(prompts, cfg, tok, tok.convert_tokens_to_ids("<|im_end|>"), pad, verifier)
+        return cls(prompts, cfg, tok, tok.convert_tokens_to_ids("<|im_end|>"), pad_id(tok), verifier)
 
     def evaluate(self, learners: LearnerGroup) -> dict[str, float]:
         """Generate on every learner (each takes a contiguous shard), then score with the verifier."""

@@ -28,3 +28,9 @@ def load_processing(model_path: str | Path, trust_remote_code: bool = False) -> 
 def tokenizer_of(processing: Any) -> Any:
     """The tokenizer of a processor (VL), or the tokenizer itself (text)."""
     return getattr(processing, "tokenizer", processing)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end of sequence."""
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)

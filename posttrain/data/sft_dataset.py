@@ -19,7 +19,7 @@ from posttrain.config import DataConfig
 from posttrain.data.chat import IGNORE_INDEX, Item, encode_all
 from posttrain.data.errors import DataError
 from posttrain.data.order import epoch_order
-from posttrain.data.processing import tokenizer_of
+from posttrain.data.processing import pad_id, tokenizer_of
 from posttrain.data.rows import MAX_REASONS, load_samples
 
 if TYPE_CHECKING:
@@ -204,6 +204,6 @@ def build_sft_dataset(data_cfg: DataConfig, processing: Any, is_vl: bool) -> SFT
     elif data_cfg.packing:
         items = pack(items, data_cfg.max_length)
     stats.items = len(items)
-    tok = tokenizer_of(processing)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return SFTData(items, stats, pad_id, processing.image_processor if is_vl else None)
+    return SFTData(
+        items, stats, pad_id(tokenizer_of(processing)), processing.image_processor if is_vl else None
+    )
