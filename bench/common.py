@@ -26,6 +26,7 @@ BETAS = (0.9, 0.95)  # posttrain's default; TRL's adam_beta2 is set to match
 GRAD_CLIP = 1.0
 TRAIN_ROWS = 4000  # ≈ 1300 packed rows of 256 tokens: more than sft_bench's default run consumes
 LOG_TAIL_LINES = 40  # of a failed child run's log, shown on exit
+REAL_SHAPE = "qwen3-0.6b"
 
 # ------------------------------------------------------------------------------------------------ options
 
@@ -35,8 +36,11 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
 
 
-def add_size(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--size", choices=["tiny", "small"], default=default)
+def add_size(p: argparse.ArgumentParser, default: str, real_shape: bool = False) -> None:
+    """`--size`: the tiny models, and (`real_shape`) Qwen3-0.6B's shape in fp32 (`bench_model`)."""
+    p.add_argument(
+        "--size", choices=["tiny", "small", *([REAL_SHAPE] if real_shape else [])], default=default
+    )
 
 
 def add_steps(p: argparse.ArgumentParser, default: int, warmup: int, unit: str = "optimizer steps") -> None:
@@ -77,6 +81,19 @@ def tiny_model(out: Path, size: Any) -> Path:
     model = out / f"model-{size}"
     if not (model / "config.json").is_file():
         build_tiny_model(model, "text", size)
+    return model
+
+
+def bench_model(out: Path, size: str) -> Path:
+    """`tiny_model`, or for REAL_SHAPE a random fp32 Qwen3 of Qwen3-0.6B's published shape (2.4 GB, tied
+    embeddings, the 151,936-token vocabulary), built on first use."""
+    if size != REAL_SHAPE:
+        return tiny_model(out, size)
+    from posttrain.synthetic.shapes import Qwen3Shape, build_qwen3_shape
+
+    model = out / f"model-{size}"
+    if not (model / "config.json").is_file():
+        build_qwen3_shape(model, Qwen3Shape(shape=REAL_SHAPE, dtype="float32"))
     return model
 
 

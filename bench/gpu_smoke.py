@@ -346,12 +346,12 @@ def phase_tampered_sync(s: Smoke) -> dict[str, Any]:
     from posttrain.rollout import RolloutRequest, WeightSyncError, learner_probe, sync_from_learners
 
     with learners_and_engines(s, s.model("tiny-text"), "tamper-learner") as (learners, engines, probe):
-        refs, manifest = learners.weight_buckets(64)
+        manifest = learners.send_weights(engines.transfer_client(1), 64, None, True)
         name = next(iter(manifest.checksums))
-        tampered = replace(manifest, checksums={**manifest.checksums, name: manifest.checksums[name] + 1.0})
+        tampered = replace(manifest, checksums={**manifest.checksums, name: manifest.checksums[name] ^ 1})
         reason = ""
         try:
-            engines.update_weights(1, refs, tampered, learner_probe(learners, probe["ids"], probe["atol"]))
+            engines.verify(1, tampered, learner_probe(learners, probe["ids"], probe["atol"]))
         except WeightSyncError as e:
             reason = e.reason
         request = [RolloutRequest(probe["ids"], max_tokens=4, seed=0)]

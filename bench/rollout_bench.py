@@ -1,7 +1,7 @@
 """Rollout speed: posttrain's vLLM engine actor against bare `vllm.LLM.generate`, and learner -> engine weight
 sync against this machine's memory-copy bandwidth, measured in one run.
 
-    python bench/rollout_bench.py [--size tiny|small] [--prompts 64] [--n 8] [--max-tokens 128]
+    python bench/rollout_bench.py [--size tiny|small|qwen3-0.6b] [--prompts 64] [--n 8] [--max-tokens 128]
                                   [--repeats 3] [--sync-repeats 5] [--bucket-mb 64] [--out runs/bench]
 
 Generation: the same arithmetic prompts (rendered by the model's chat template in thinking mode, as token ids),
@@ -12,10 +12,14 @@ that actor, and (b) `RolloutGroup(num_engines=1).generate([RolloutRequest...])`,
 includes Ray's transfer of requests and results and posttrain's conversion). Both run one untimed call, then
 the timed repeats alternate between the two. Generated tokens/s = samples' tokens / seconds (median repeat).
 
-Weight sync: one DeepSpeed learner (ZeRO 0, started as the tests start it) -> that engine, with
-`sync_from_learners` and `stream_sync_from_learners`, with and without the logprob probe; effective GB/s =
-bytes the engine received / seconds, against `dst.copy_(src)` and `src.clone()` of a 256 MB fp32 tensor in
-this process. An instrumented replica of the same steps splits one sync into phases.
+Weight sync: one DeepSpeed learner (ZeRO 0, started as the tests start it) -> that engine through vLLM's
+weight-transfer API and posttrain's shared-memory backend, with `sync_from_learners` (every bucket in
+shared memory) and `stream_sync_from_learners` (a ring of `--max-inflight` buckets), with and without the
+logprob probe; every variant checks the digests. Effective GB/s = bytes the engine received (tied
+embeddings counted under both names, as vLLM loads them) / seconds, against memcpy measured in this run:
+NumPy's copy of a 1 GiB buffer (one thread) and torch's `copy_` (all threads). The sender's and the
+engine's clocks split the last plain sync into phases. `--size qwen3-0.6b`: Qwen3-0.6B's shape in fp32
+(2.4 GB on disk, 3.0 GB loaded), best with `--skip-generation`.
 
 Prints tables and ratios; writes them to `OUT/rollout_bench.json` under the model size's key.
 """
@@ -33,14 +37,15 @@ from typing import Any
 
 import common  # bench/ is on sys.path when run; functions that run in Ray actors must not use it
 
-MEMCPY_MB = 256
-MEMCPY_REPEATS = 7
+MEMCPY_MB = 1024
+MEMCPY_REPEATS = 5
+REAL_SHAPE_KV_GIB = 0.5  # the 0.6B engine's KV cache: a few sequences, not 256
 PROBE_EXTRA_TOKENS = 32  # the probe: the first prompt plus this many sampled tokens
 
 
 def parse_args() -> argparse.Namespace:
     p = common.parser(__doc__)
-    common.add_size(p, "tiny")
+    common.add_size(p, "tiny", real_shape=True)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -240,13 +245,14 @@ def bench_generation(
 
 
 def memcpy_bandwidth(threads: int) -> dict[str, float]:
-    """GB/s (bytes copied / s, 1 GB = 1e9 B) of `dst.copy_(src)` and `src.clone()`, median of repeats."""
+    """GB/s (bytes copied / s, 1 GB = 1e9 B), median of repeats: `np.copyto` of a 1 GiB buffer (one
+    thread: a memcpy) and torch's `copy_` on `threads` threads."""
+    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
-    src = torch.randn(MEMCPY_MB * 2**20 // 4)
-    dst = torch.empty_like(src)
-    nbytes = src.numel() * 4
+    src = np.random.default_rng(0).integers(0, 255, MEMCPY_MB * 2**20, dtype=np.uint8)
+    dst = np.empty_like(src)
 
     def timed(fn: Callable[[], Any]) -> float:
         fn()  # warm-up (page faults of `dst`)
@@ -257,14 +263,14 @@ def memcpy_bandwidth(threads: int) -> dict[str, float]:
             ts.append(time.perf_counter() - t0)
         return median(ts)
 
-    copy_s = timed(lambda: dst.copy_(src))
-    clone_s = timed(lambda: src.clone())
+    copy_s = timed(lambda: np.copyto(dst, src))
+    torch_s = timed(lambda: torch.from_numpy(dst).copy_(torch.from_numpy(src)))
     return {
         "mb": MEMCPY_MB,
-        "copy_s": copy_s,
-        "copy_gb_s": nbytes / copy_s / 1e9,
-        "clone_s": clone_s,
-        "clone_gb_s": nbytes / clone_s / 1e9,
+        "memcpy_s": copy_s,
+        "memcpy_gb_s": src.nbytes / copy_s / 1e9,
+        "torch_copy_s": torch_s,
+        "torch_copy_gb_s": src.nbytes / torch_s / 1e9,
     }
 
 
@@ -280,93 +286,19 @@ def learner_config(args: argparse.Namespace, model: Path) -> Any:
     )
 
 
-def learner_phases(learner: Any, bucket_mb: float) -> tuple[dict[str, float], list[Any], Any]:
-    """Inside the learner: what `Learner.weight_buckets` does, one step at a time."""
-    from posttrain.weights import SyncManifest, module_state_buckets, put_bucket
-
-    t0 = time.perf_counter()
-    buckets = list(module_state_buckets(learner.engine.module, bucket_mb, gather=False, copy=False))
-    t1 = time.perf_counter()
-    manifest = SyncManifest()
-    for bucket in buckets:
-        for name, t in bucket:
-            manifest.add(name, t)
-    t2 = time.perf_counter()
-    refs = [put_bucket(b) for b in buckets]
-    t3 = time.perf_counter()
-    return (
-        {"learner_gather_s": t1 - t0, "learner_checksum_s": t2 - t1, "learner_put_s": t3 - t2},
-        refs,
-        manifest,
-    )
-
-
-def _timed_reload(worker: Any, refs: list[Any]) -> tuple[dict[str, float], dict[str, float], int]:
-    """`rollout.engine._reload_from_buckets` with clocks: fetch and checksum inside the weight iterator,
-    the rest of `reload_weights` is vLLM's."""
-    import ray
-
-    from posttrain.weights import tensor_checksum, unpack_bucket
-
-    seen: dict[str, float] = {}
-    clock = {"fetch": 0.0, "checksum": 0.0}
-    nbytes = 0
-
-    def stream() -> Any:
-        nonlocal nbytes
-        for ref in refs:
-            t0 = time.perf_counter()
-            bucket = unpack_bucket(ray.get(ref))
-            clock["fetch"] += time.perf_counter() - t0
-            for name, tensor in bucket:
-                t0 = time.perf_counter()
-                seen[name] = tensor_checksum(tensor)
-                clock["checksum"] += time.perf_counter() - t0
-                nbytes += tensor.numel() * tensor.element_size()
-                yield name, tensor
-            del bucket
-
-    t0 = time.perf_counter()
-    worker.reload_weights(weights_iterator=stream())
-    total = time.perf_counter() - t0
-    return (
-        {
-            "engine_fetch_s": clock["fetch"],
-            "engine_checksum_s": clock["checksum"],
-            "engine_vllm_reload_s": total - clock["fetch"] - clock["checksum"],
-        },
-        seen,
-        nbytes,
-    )
-
-
-def engine_phases(engine: Any, refs: list[Any], manifest: Any, probe: Any) -> dict[str, float]:
-    """Inside the engine: what `RolloutEngine.update_weights` does, one step at a time (same weights)."""
-    t0 = time.perf_counter()
-    phases, seen, nbytes = engine.llm.collective_rpc(_timed_reload, args=(refs,))[0]
-    engine.llm.reset_prefix_cache()
-    t1 = time.perf_counter()
-    problem = manifest.compare(seen)
-    t2 = time.perf_counter()
-    err = engine._check_probe(engine.version, probe)
-    t3 = time.perf_counter()
-    assert problem is None and nbytes == manifest.nbytes, problem
-    assert err <= probe.atol, err
-    return {
-        **phases,
-        "engine_rpc_other_s": (t1 - t0) - sum(phases.values()),
-        "engine_compare_s": t2 - t1,
-        "engine_probe_s": t3 - t2,
-    }
+def sender_phases(learner: Any) -> dict[str, float]:
+    """Inside the learner: its sender's seconds by phase in the last sync."""
+    return dict(learner._sender.phases)
 
 
 def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: list[int]) -> dict[str, Any]:
     from posttrain.groups import LearnerGroup
-    from posttrain.rollout import learner_probe, stream_sync_from_learners, sync_from_learners
+    from posttrain.rollout import stream_sync_from_learners, sync_from_learners
 
     memcpy = memcpy_bandwidth(args.threads)
     print(
-        f"  memcpy {memcpy['copy_gb_s']:.2f} GB/s, clone {memcpy['clone_gb_s']:.2f} GB/s, load {common.load_1m()}",
+        f"  memcpy {memcpy['memcpy_gb_s']:.2f} GB/s, torch copy_ {memcpy['torch_copy_gb_s']:.2f} GB/s, "
+        f"load {common.load_1m()}",
         flush=True,
     )
     learners = LearnerGroup(learner_config(args, model), str(model), False, total_steps=1)
@@ -384,6 +316,7 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
                 learners, engines, v, args.bucket_mb, args.max_inflight, probe_ids
             ),
         }
+        phases: dict[str, dict[str, float]] = {}
         for name, call in calls.items():
             seconds, reports = [], []
             for rep in range(args.sync_repeats + 1):
@@ -392,6 +325,8 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
                 reports = call(version)
                 if rep:
                     seconds.append(time.perf_counter() - t0)
+            if name == "sync":
+                phases = {"sender": learners.workers.run(sender_phases)[0], "engine": reports[0]["phases"]}
             nbytes = int(reports[0]["bytes"])
             s = median(seconds)
             variants[name] = {
@@ -400,34 +335,11 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
                 "bytes": nbytes,
                 "tensors": reports[0]["tensors"],
                 "gb_s": nbytes / s / 1e9,
-                "ratio_to_memcpy": nbytes / s / 1e9 / memcpy["copy_gb_s"],
+                "ratio_to_memcpy": nbytes / s / 1e9 / memcpy["memcpy_gb_s"],
                 "probe_max_abs": reports[0].get("probe_max_abs"),
             }
             load.append(common.load_1m())
             print(f"  {name}: median {s * 1e3:.1f} ms, load {load[-1]}", flush=True)
-
-        # Phases of one sync+probe, by an instrumented replica of the same steps.
-        rows: list[dict[str, float]] = []
-        for rep in range(args.sync_repeats + 1):
-            t0 = time.perf_counter()
-            learner_side, refs, manifest = learners.workers.run(learner_phases, args.bucket_mb)[0]
-            t1 = time.perf_counter()
-            probe = learner_probe(learners, probe_ids)
-            t2 = time.perf_counter()
-            engine_side = engines.workers.run(engine_phases, refs, manifest, probe)[0]
-            t3 = time.perf_counter()
-            row = {
-                **learner_side,
-                "learner_call_other_s": (t1 - t0) - sum(learner_side.values()),
-                "learner_probe_s": t2 - t1,
-                **engine_side,
-                "engine_call_other_s": (t3 - t2) - sum(engine_side.values()),
-                "total_s": t3 - t0,
-            }
-            if rep:
-                rows.append(row)
-        phases = {k: median([r[k] for r in rows]) for k in rows[0]}
-        load.append(common.load_1m())
     finally:
         learners.shutdown()
     return {
@@ -436,7 +348,7 @@ def bench_sync(args: argparse.Namespace, model: Path, engines: Any, probe_ids: l
         "max_inflight": args.max_inflight,
         "probe_tokens": len(probe_ids),
         "variants": variants,
-        "phases_sync_probe": phases,
+        "phases_last_sync": phases,
         "load_avg_1m": load,
     }
 
@@ -469,16 +381,17 @@ def report_sync(s: dict[str, Any]) -> None:
     first = next(iter(s["variants"].values()))
     print(
         f"\nWeight sync: {first['bytes'] / 1e6:.1f} MB in {first['tensors']} tensors, bucket {s['bucket_mb']} MB, "
-        f"probe {s['probe_tokens']} tokens; memcpy (copy_) {m['copy_gb_s']:.2f} GB/s, clone {m['clone_gb_s']:.2f} GB/s"
+        f"probe {s['probe_tokens']} tokens; memcpy {m['memcpy_gb_s']:.2f} GB/s (1 GiB np.copyto), "
+        f"torch copy_ {m['torch_copy_gb_s']:.2f} GB/s"
     )
     common.print_table(
-        ("variant", "median ms", "GB/s", "/memcpy"),
-        ("<14", ">10.1f", ">7.3f", ">8.1%"),
-        [(name, v["median_s"] * 1e3, v["gb_s"], v["ratio_to_memcpy"]) for name, v in s["variants"].items()],
+        ("variant", "median s", "GB/s", "% of memcpy"),
+        ("<14", ">9.3f", ">7.3f", ">12.1%"),
+        [(name, v["median_s"], v["gb_s"], v["ratio_to_memcpy"]) for name, v in s["variants"].items()],
     )
-    print("phases of one sync+probe (instrumented replica, medians):")
-    for k, v in s["phases_sync_probe"].items():
-        print(f"  {k:<24} {v * 1e3:>9.1f} ms")
+    print("phases of the last plain sync (sender and engine clocks; they overlap):")
+    for side, phases in s["phases_last_sync"].items():
+        print(f"  {side:<7}" + "  ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
 
 
 def main() -> None:
@@ -487,7 +400,7 @@ def main() -> None:
     from posttrain.rollout import RolloutGroup, RolloutRequest
     from posttrain.workers import init_ray
 
-    model = common.tiny_model(args.out, args.size)
+    model = common.bench_model(args.out, args.size)
     prompts = common.arithmetic_prompt_ids(model, args.prompts)
     load = {"before": common.load_1m()}
     init_ray(None, num_cpus=3 * args.threads)  # bare engine, posttrain engine, learner: one at a time busy
@@ -498,6 +411,7 @@ def main() -> None:
         name="rollout-bench",
         seed=0,
         max_model_len=args.max_model_len,
+        kv_cache_gib=REAL_SHAPE_KV_GIB if args.size == common.REAL_SHAPE else None,
     )
     summary: dict[str, Any] = {
         "args": common.args_json(args),

@@ -1,6 +1,6 @@
 """Typed groups over Ray actors: the learner group (DeepSpeed ranks) and the frozen reference.
 
-Drivers call verbs (`step`, `logprobs`, `generate`, `save`, `export`, `weight_buckets`); which actor
+Drivers call verbs (`step`, `logprobs`, `generate`, `save`, `export`, `send_weights`); which actor
 method runs, with which share of the batch, and how the ranks' answers are combined is decided here,
 once. A batch is split over ranks by `shard_batches`: contiguous even shares (equal when the rank count
 divides the items, as ZeRO-3's lockstep needs), each share cut into collated micro-batches.
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from posttrain.config import TrainingStage
 from posttrain.learner import Batch, Learner, Reference
 from posttrain.objectives import Norms, Objective, StepStats, reduce_ranks
+from posttrain.weight_transfer import RayEngineClient
 from posttrain.weights import SyncManifest
 from posttrain.workers import WorkerGroup, resolve_device, split_evenly
 
 if TYPE_CHECKING:
-    from ray.util.queue import Queue
     from torch import Tensor
 
 T = TypeVar("T")
@@ -117,13 +117,13 @@ class LearnerGroup:
         counts: dict[str, int] = self.workers.call("num_parameters")[0]
         return counts
 
-    def weight_buckets(self, bucket_mb: float) -> tuple[list[Any], SyncManifest]:
-        """Every bucket of the weights in the object store: (refs, manifest)."""
-        return next(o for o in self.workers.call("weight_buckets", bucket_mb) if o is not None)
-
-    def stream_weights(self, queues: list[Queue], bucket_mb: float) -> SyncManifest:
-        """Feed the weights bucket by bucket into the engines' `queues`; the manifest once all are sent."""
-        return next(o for o in self.workers.call("stream_weights", queues, bucket_mb) if o is not None)
+    def send_weights(
+        self, client: RayEngineClient, bucket_mb: float, slots: int | None, include_frozen: bool
+    ) -> SyncManifest:
+        """Send the weights to the engines behind `client` (rank 0 sends, every rank gathers); the
+        manifest of what was sent."""
+        args = (client, client.version, bucket_mb, slots, include_frozen)
+        return next(o for o in self.workers.call("send_weights", *args) if o is not None)
 
     def shutdown(self) -> None:
         self.workers.shutdown()

@@ -20,15 +20,12 @@ from posttrain.losses import lr_multiplier, next_token_logprobs
 from posttrain.memory import PeakMemory
 from posttrain.metrics import quiet_libraries
 from posttrain.objectives import Norms, Objective, StepStats, merge_stats
-from posttrain.weights import SyncManifest, put_module_buckets, stream_module_buckets
+from posttrain.weight_transfer import EngineClient, ShmSender, send_module
+from posttrain.weights import ModuleBuckets, SyncManifest
 from posttrain.workers import resolve_device
 
 if TYPE_CHECKING:
     import torch
-    from ray import ObjectRef
-    from ray.util.queue import Queue
-
-    from posttrain.weights import WireBucket
 
 DS_TAG = "deepspeed"
 Batch = dict[str, "torch.Tensor"]
@@ -141,6 +138,8 @@ class Learner:
         from posttrain.ds_checkpoint import SafeCheckpointEngine  # imports deepspeed: actors only
 
         self.engine.checkpoint_engine = SafeCheckpointEngine()
+        self._sender: ShmSender | None = None  # rank 0: the weight sender, its shared memory kept
+        self._frozen: dict[str, int] = {}  # digests of the frozen parameters, as last sent
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -199,15 +198,23 @@ class Learner:
 
     # ----------------------------------------------------------------------------------------- weights
 
-    def weight_buckets(self, bucket_mb: float) -> tuple[list[ObjectRef[WireBucket]], SyncManifest] | None:
-        """All ranks gather (ZeRO-3); rank 0 puts every bucket into the object store: (refs, manifest)."""
+    def send_weights(
+        self, client: EngineClient, version: int, bucket_mb: float, slots: int | None, include_frozen: bool
+    ) -> SyncManifest | None:
+        """All ranks gather (ZeRO-3); rank 0 sends every bucket to the engines through `client` and
+        returns the manifest. Frozen parameters go only with `include_frozen` (or before they ever went);
+        otherwise the manifest lists them with the digests they had when sent."""
         zero3 = self.cfg.learners.zero_stage == 3
-        return put_module_buckets(self.engine.module, bucket_mb, zero3, sender=self.rank == 0)
-
-    def stream_weights(self, queues: list[Queue], bucket_mb: float) -> SyncManifest | None:
-        """All ranks gather (ZeRO-3); rank 0 feeds each bucket into the engines' queues as it goes."""
-        zero3 = self.cfg.learners.zero_stage == 3
-        return stream_module_buckets(self.engine.module, queues, bucket_mb, zero3, sender=self.rank == 0)
+        weights = ModuleBuckets(self.engine.module, bucket_mb, zero3, include_frozen or not self._frozen)
+        if self.rank == 0 and self._sender is None:
+            self._sender = ShmSender()
+        manifest = send_module(self._sender, weights, client, version, slots)
+        if manifest is not None:
+            if weights.include_frozen:
+                self._frozen = {n: manifest.checksums[n] for n in weights.frozen}
+            else:
+                manifest.held = dict(self._frozen)
+        return manifest
 
     # ---------------------------------------------------------------------------------------- generation
 
@@ -254,6 +261,7 @@ class Learner:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {directory}/{DS_TAG}")
         restore_rng(load_state(directory, f"rng-rank{self.rank}.safetensors"))
+        self._frozen = {}  # the next sync sends every parameter as loaded
         return client_state
 
     def export(self, directory: str, merge_lora: bool) -> None:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from posttrain.config import EngineSettings, Strict
+from posttrain.weight_transfer import TransferBackend
 
 
 class SamplingConfig(Strict):
@@ -39,7 +40,11 @@ class RolloutConfig(EngineSettings, SamplingConfig):
     samples_per_prompt: int = Field(8, ge=2)
     """Responses per prompt (the group size of the advantage)."""
     sync: Literal["stream", "bulk"] = "stream"
-    """Weight sync: `stream` pipelines buckets (bounded memory), `bulk` puts them all first."""
+    """Weight sync: `stream` keeps two buckets in flight (bounded shared memory), `bulk` sizes shared memory
+    for every bucket so the learner never waits for the engines."""
+    weight_transfer: TransferBackend = "shm"
+    """vLLM weight-transfer backend the engines receive full weights with: `shm`, posttrain's
+    shared-memory backend (learner rank 0 and the engines on one host; CPU or GPU engines)."""
     bucket_mb: float = Field(64, gt=0)
     """Weight-sync bucket size."""
     probe_atol: float | None = Field(None, gt=0)

@@ -4,53 +4,54 @@
 of them through `posttrain.workers.WorkerGroup`, splits requests across them and gathers results in order.
 
 With tensor_parallel_size 1 (CPU or GPU) the engine runs in the actor's own process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor backend "uni"): it loads in seconds on CPU and weight updates
-reach the model runner without serialisation. The reload path in vLLM 0.32:
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor backend "uni"): it loads in seconds on CPU. Weight updates
+use vLLM 0.32's weight-transfer API: the engine starts with `weight_transfer_config` naming a backend
+(`shm`: posttrain/rollout/shm_transfer.py), and a sender (posttrain.weight_transfer) calls the engine's
+methods of the API's names, which reach every worker:
 
-    LLM.collective_rpc(fn, args=(bucket_refs,))       # entrypoints/llm.py
-      -> LLMEngine -> InprocClient -> EngineCore -> UniProcExecutor.collective_rpc
-      -> fn(worker, bucket_refs)                     # worker: CPUWorker (a gpu_worker.Worker)
-      -> worker.reload_weights(weights_iterator=...) # sets the vllm config, then
-      -> GPUModelRunner.reload_weights               # layerwise in-place reload + cache resets
+    RolloutEngine.update_weights(update_info)        # an actor call from the sender
+      -> LLM.collective_rpc("update_weights", ...)   # -> EngineCore -> UniProcExecutor
+      -> Worker.update_weights                       # CPUWorker is a gpu_worker.Worker
+      -> ShmWeightTransferEngine.receive_weights     # vLLM's layerwise reload, started by
+                                                     # start_weight_update, ended by finish
 
 (CPU linear layers keep their weights packed for oneDNN and drop `layer.weight`, so the engine cannot
-checksum its own parameters: it checksums what it received, and a logprob probe proves what it serves.)
+checksum its own parameters: it digests what it received, and a logprob probe proves what it serves.)
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Required, TypeAlias, TypedDict, Unpack, cast
+from typing import TYPE_CHECKING, Any, Required, TypedDict, Unpack, cast
 
 from posttrain.config import ConfigError
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.weight_sync import Probe, WeightSyncError
-from posttrain.weights import Bucket, SyncManifest, WireBucket, put_bucket, tensor_checksum, unpack_bucket
+from posttrain.weight_transfer import (
+    RayEngineClient,
+    ShmSender,
+    TransferBackend,
+    gather_engine_calls,
+    send_buckets,
+)
+from posttrain.weights import Bucket, SyncManifest
 from posttrain.workers import WorkerGroup, init_ray, split_evenly
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
-    import torch
     from PIL.Image import Image
     from ray import ObjectRef
-    from ray.util.queue import Queue
     from vllm import RequestOutput, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.logprobs import FlatLogprobs, LogprobsOnePosition
     from vllm.lora.request import LoRARequest
     from vllm.outputs import CompletionOutput
 
-    BucketItem: TypeAlias = ObjectRef[WireBucket] | Bucket | WireBucket
-    """One bucket as an engine receives it: an ObjectRef of a WireBucket, or the bucket itself."""
-    BucketSource: TypeAlias = list[BucketItem] | tuple[BucketItem, ...] | Queue
-    """A list of buckets (or their refs), or a `ray.util.queue.Queue` a learner fills (`_bucket_source`)."""
-
 THINK_END_TEXT = "</think>\n\n"
-BUCKET_FETCH_TIMEOUT_S = 600.0
 CPU_KV_BLOCK_TOKENS = 128  # vLLM 0.32's CPU block size: a sequence holds whole blocks
 CPU_KV_FLOOR_BYTES = 64 << 20
 GIB = 1 << 30
@@ -196,6 +197,7 @@ class GroupEngineOptions(TypedDict, total=False):
     enable_lora: bool
     max_lora_rank: int
     think_end_ids: list[int] | None
+    weight_transfer: TransferBackend
     extra_llm_args: dict[str, Any] | None
 
 
@@ -234,14 +236,8 @@ class SyncReport(TypedDict, total=False):
     tensors: int
     bytes: int
     probe_max_abs: float | None  # the probe's largest logprob difference; None without a probe
-    load_seconds: float
+    phases: dict[str, float]  # seconds of the update in the engine's worker, by phase
     seconds: float
-
-
-class _ReloadingWorker(Protocol):
-    """What `_reload_from_buckets` needs of a vLLM worker (`vllm.v1.worker.gpu_worker.Worker`)."""
-
-    def reload_weights(self, *, weights_iterator: Iterator[tuple[str, torch.Tensor]]) -> None: ...
 
 
 class RolloutEngine:
@@ -273,6 +269,7 @@ class RolloutEngine:
         max_lora_rank: int = 16,
         think_end_ids: list[int] | None = None,
         name: str = "rollout",
+        weight_transfer: TransferBackend = "shm",
         extra_llm_args: dict[str, Any] | None = None,
     ) -> None:
         t0 = time.perf_counter()  # load_seconds includes importing vLLM
@@ -313,22 +310,26 @@ class RolloutEngine:
             # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill, which a
             # CPU generator cannot do ("CPU Generator does not use offset"): prefill whole prompts only.
             args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
-        # TP > 1: Ray workers (they can fetch the buckets from the object store themselves); untested here.
+        # TP > 1: Ray workers, each mapping the sender's shared memory itself; untested here.
         args["distributed_executor_backend"] = "uni" if in_process else "ray"
         self.is_vl = "vision_config" in model_config
         if self.is_vl:
             args["limit_mm_per_prompt"] = {"image": limit_images or 4, "video": 0}
         if enable_lora:
             args.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        args["weight_transfer_config"] = {"backend": transfer_backend(weight_transfer)}
         args.update(extra_llm_args or {})
         self.llm = LLM(**args)
+        self.init_weight_transfer_engine({})
         self.tokenizer = self.llm.get_tokenizer()
         self.think_end_ids = think_end_ids or list(
             self.tokenizer.encode(THINK_END_TEXT, add_special_tokens=False)
         )
         self.version = 0
         self.dirty: str | None = None  # why the served weights are unknown (a failed sync), else None
-        self._received: tuple[int, list[tuple[dict[str, float], int]]] | None = None  # deferred checks
+        self._received: tuple[int, list[tuple[dict[str, int], int]]] | None = None  # awaiting `verify`
+        self.held: dict[str, int] = {}  # digest of every tensor a verified sync delivered
+        self._phases: dict[str, float] = {}  # the last update's seconds by phase, in the worker
         self.lora: LoRARequest | None = None  # LoRARequest of the current adapter version
         self.load_seconds = time.perf_counter() - t0
 
@@ -472,65 +473,63 @@ class RolloutEngine:
 
     # ---------------------------------------------------------------------------------- weight sync
 
-    def update_weights(
-        self,
-        version: int,
-        buckets: BucketSource,
-        manifest: SyncManifest | None = None,
-        probe: Probe | None = None,
-        defer_checks: bool = False,
-    ) -> SyncReport:
-        """Load a full state (HF names) streamed bucket by bucket into the running engine, then prove it.
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        """vLLM's weight-transfer handshake (the shm backend needs nothing: each bucket names its region)."""
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
 
-        `buckets`: Ray ObjectRefs of buckets (fetched one at a time while vLLM loads) or buckets
-        themselves. With a `manifest` the received tensors' checksums must equal the sender's; with a
-        `probe` the engine's logprobs of a fixed sequence must match the sender's. Either failing raises
-        WeightSyncError naming this engine and `version` (and the version stays the old one).
-        `buckets` may also be a `ray.util.queue.Queue` the learner fills while this engine loads (see
-        `weight_sync.stream_sync_from_learners`); with `defer_checks` the engine loads, keeps the
-        received checksums and refuses to generate until `verify` passes."""
-        t0 = time.perf_counter()
+    def start_weight_update(self, version: int) -> None:
+        """A sender begins replacing the weights: until `verify` passes, the engine refuses to generate."""
+        self._received = None
+        self.dirty = f"sync to version {version} not verified (last good version {self.version})"
+        self.llm.collective_rpc(_end_unfinished_update)  # a sender that failed midway left one open
+        self._transfer(version, "start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        """One bucket, in the backend's format (posttrain.weight_transfer.ShmUpdateInfo for shm)."""
+        self._transfer(None, "update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self, version: int) -> None:
+        """All buckets are in: vLLM finishes the reload; the digests the workers computed wait for `verify`."""
+        from posttrain.rollout.shm_transfer import received_digests
+
+        self._transfer(version, "finish_weight_update")
+        self.llm.reset_prefix_cache()
+        if self.is_vl:  # the scheduler would otherwise trust image embeddings of the old weights
+            self.llm.llm_engine.reset_encoder_cache()
+        per_worker = self.llm.collective_rpc(received_digests)
+        self._received = (version, [(digests, size) for digests, size, _ in per_worker])
+        self._phases = per_worker[0][2]
+
+    def _transfer(self, version: int | None, method: str, kwargs: dict[str, Any] | None = None) -> None:
         try:
-            source = list(buckets) if isinstance(buckets, (list, tuple)) else buckets
-            per_worker = self.llm.collective_rpc(_reload_from_buckets, args=(source,))
-            self.llm.reset_prefix_cache()
-            if self.is_vl:  # the scheduler would otherwise trust image embeddings of the old weights
-                self.llm.llm_engine.reset_encoder_cache()
+            self.llm.collective_rpc(method, kwargs=kwargs)
         except Exception as e:
-            raise self._failed(version, f"reload failed: {type(e).__name__}: {e}") from e
-        seen, nbytes = per_worker[0]  # every TP worker streams the full tensors and keeps its shard
-        load_s = time.perf_counter() - t0
-        if defer_checks:
-            self._received = (version, per_worker)
-            self.dirty = (
-                f"sync to version {version} loaded but not verified (last good version {self.version})"
-            )
-            return {"name": self.name, "version": version, "bytes": nbytes, "load_seconds": load_s}
-        report = self._prove(version, per_worker, manifest, probe)
-        return {**report, "load_seconds": load_s, "seconds": time.perf_counter() - t0}
+            raise self._failed(version, f"{method} failed: {type(e).__name__}: {e}") from e
 
     def verify(self, version: int, manifest: SyncManifest | None, probe: Probe | None) -> SyncReport:
-        """Finish a `defer_checks` update: the received checksums against the (now complete) manifest,
-        then the probe; only then does the engine serve `version`."""
+        """The received digests against the sender's manifest (every TP worker), then the probe: only then
+        does the engine serve `version`."""
+        t0 = time.perf_counter()
         received = self._received
         if received is None or received[0] != version:
-            raise self._failed(version, "verify without a loaded update of this version")
+            raise self._failed(version, "verify without a finished update of this version")
         report = self._prove(version, received[1], manifest, probe)
         self._received = None
-        return report
+        return {**report, "phases": self._phases, "seconds": time.perf_counter() - t0}
 
     def _prove(
         self,
         version: int,
-        per_worker: list[tuple[dict[str, float], int]],
+        per_worker: list[tuple[dict[str, int], int]],
         manifest: SyncManifest | None,
         probe: Probe | None,
     ) -> SyncReport:
-        """Every TP worker's received checksums against `manifest`, then the probe: only when both pass
-        does the engine serve `version`."""
+        """Every TP worker's received digests against `manifest` (and the unsent tensors' against those
+        this engine verified before), then the probe: only when both pass does the engine serve
+        `version`, and the verified digests are kept."""
         if manifest is not None:
             for rank, (got, _) in enumerate(per_worker):
-                problem = manifest.compare(got)
+                problem = manifest.compare(got, self.held)
                 if problem:
                     raise self._failed(
                         version, problem if len(per_worker) == 1 else f"TP worker {rank}: {problem}"
@@ -544,19 +543,22 @@ class RolloutEngine:
                 raise self._failed(version, e.reason) from None
         self.version, self.dirty = version, None
         seen, nbytes = per_worker[0]
+        self.held.update(seen)
         return {
             "name": self.name,
             "version": version,
-            "checksum": sum(seen.values()),
+            "checksum": sum(seen.values()) % 2**64,
             "tensors": len(seen),
             "bytes": nbytes,
             "probe_max_abs": probe_err,
         }
 
-    def _failed(self, version: int, reason: str) -> WeightSyncError:
-        """The weights were (partly) overwritten: refuse to generate until a sync succeeds."""
+    def _failed(self, version: int | None, reason: str) -> WeightSyncError:
+        """The weights were (partly) overwritten: refuse to generate, and trust no earlier digest, until a
+        full sync succeeds."""
         self.dirty = f"sync to version {version} failed (last good version {self.version})"
-        return WeightSyncError(version, self.name, reason)
+        self.held.clear()
+        return WeightSyncError(-1 if version is None else version, self.name, reason)
 
     def _check_probe(self, version: int, probe: Probe) -> float:
         got = self.prompt_logprobs([probe.token_ids])[0]
@@ -598,52 +600,19 @@ class RolloutEngine:
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _bucket_source(buckets: BucketSource) -> Iterator[BucketItem]:
-    """A list of buckets / ObjectRefs, or a `ray.util.queue.Queue` a learner is filling: items are
-    `[ref]` (a list, so Ray does not resolve the ref into the queue actor), `None` ends the stream."""
-    if isinstance(buckets, (list, tuple)):
-        yield from buckets
-        return
-    while True:
-        item = buckets.get(block=True, timeout=BUCKET_FETCH_TIMEOUT_S)
-        if item is None:
-            return
-        yield item[0]
+def _end_unfinished_update(worker: Any) -> None:
+    """`LLM.collective_rpc` target: close an update a failed sender left open (vLLM refuses to start
+    another); the layers it never reached keep their weights, and the next update replaces them all."""
+    if worker._weight_update_active:
+        worker.finish_weight_update()
 
 
-def _reload_from_buckets(worker: _ReloadingWorker, buckets: BucketSource) -> tuple[dict[str, float], int]:
-    """Runs on each vLLM worker (`LLM.collective_rpc`): stream the buckets, fetching one Ray object at a
-    time, into `Worker.reload_weights` -> `GPUModelRunner.reload_weights` (vLLM's layerwise in-place
-    reload; it also resets LoRA/encoder/multimodal caches). One reload call sees every tensor, so fused
-    layers (qkv, gate_up) are always complete. `model.load_weights` directly works once but fails the
-    second time on CPU ('Parameter' object has no attribute 'weight_loader'), hence this path.
-    Returns the received tensors' checksums and byte count."""
-    seen: dict[str, float] = {}
-    nbytes = 0
+def transfer_backend(name: TransferBackend) -> str:
+    """The vLLM backend name of ours, registered with vLLM's factory in this (engine) process."""
+    from posttrain.rollout.shm_transfer import register
 
-    def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        nonlocal nbytes
-        for b in _bucket_source(buckets):
-            bucket: Bucket = _resolve(b)
-            for name, tensor in bucket:
-                seen[name] = tensor_checksum(tensor)
-                nbytes += tensor.numel() * tensor.element_size()
-                yield name, tensor
-            del bucket
-
-    worker.reload_weights(weights_iterator=stream())
-    return seen, nbytes
-
-
-def _resolve(b: BucketItem) -> Bucket:
-    import ray
-
-    if not isinstance(b, ray.ObjectRef):
-        return unpack_bucket(b)
-    try:  # an engine never waits forever on a bucket whose owner (the learner) died
-        return unpack_bucket(ray.get(b, timeout=BUCKET_FETCH_TIMEOUT_S))
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"weight bucket not available within {BUCKET_FETCH_TIMEOUT_S:.0f} s") from None
+    assert name == "shm", name  # the config allows only the backends posttrain has
+    return register()
 
 
 def _with(r: RolloutRequest, **changes: Any) -> RolloutRequest:
@@ -790,7 +759,7 @@ class RolloutGroup:
         self.start_seconds = time.perf_counter() - t0
         self.sync_timeout_s = sync_timeout_s
         self.version = 0
-        self._queues: tuple[int, list[Queue]] | None = None  # (maxsize, one Queue per engine)
+        self._sender: ShmSender | None = None  # for `update_weights` from this process
 
     def _started(
         self, model_path: str, timeout_s: float, config_key: str, model_key: str
@@ -840,61 +809,31 @@ class RolloutGroup:
         parts = self.workers.gather(refs)
         return [r for part in parts for r in part]
 
+    def transfer_client(self, version: int) -> RayEngineClient:
+        """The engines' weight-transfer control plane for a sender (a learner, or this process) pushing
+        `version`: each call reaches every engine within `sync_timeout_s` or raises WeightSyncError."""
+        names = [f"{self.workers.name}-{i}" for i in range(len(self.workers))]
+        return RayEngineClient(list(self.workers.actors), names, version, self.sync_timeout_s)
+
     def update_weights(
         self,
         version: int,
-        buckets: Iterable[ObjectRef[WireBucket] | Bucket],
+        buckets: Sequence[Bucket],
         manifest: SyncManifest | None = None,
         probe: Probe | None = None,
     ) -> list[SyncReport]:
-        """Push one weight version to every engine. `buckets`: ObjectRefs, or buckets (put into the
-        object store here, once, and read by all engines). Any engine failing its checks, dying or not
-        answering within `sync_timeout_s` raises WeightSyncError naming the version and the engine."""
-        import ray
+        """Push buckets held by this process as `version` to every engine and prove it: the received
+        digests against `manifest` (default: the digests of what was sent), then the probe."""
+        if self._sender is None:
+            self._sender = ShmSender()
+        sent = send_buckets(self._sender, buckets, self.transfer_client(version), version)
+        return self.verify(version, manifest or sent, probe)
 
-        refs = [b if isinstance(b, ray.ObjectRef) else put_bucket(b) for b in buckets]
-        calls = [a.update_weights.remote(version, refs, manifest, probe) for a in self.workers.actors]
-        reports = self._gather_sync(version, calls)
-        self.version = version
-        return reports
-
-    def start_streamed_update(self, version: int, queues: Sequence[Queue]) -> list[ObjectRef[SyncReport]]:
-        """Engines start loading `version` from one queue each (filled by the learners); returns the
-        pending calls for `finish_streamed_update`."""
-        return [
-            a.update_weights.remote(version, q, None, None, True)
-            for a, q in zip(self.workers.actors, queues, strict=True)
-        ]
-
-    def stream_queues(self, maxsize: int) -> list[Queue]:
-        """One bounded `ray.util.queue.Queue` per engine for `stream_sync_from_learners`. Kept between
-        updates (each is an actor, about a second to start): reused while empty, i.e. after an update
-        that succeeded; `discard_stream_queues` drops them after a failure."""
-        from ray.util.queue import Queue
-
-        if self._queues is not None and (
-            self._queues[0] != maxsize or not all(q.empty() for q in self._queues[1])
-        ):
-            self.discard_stream_queues()
-        if self._queues is None:
-            queues = [Queue(maxsize=maxsize, actor_options={"num_cpus": 0}) for _ in self.workers.actors]
-            self._queues = (maxsize, queues)
-        return self._queues[1]
-
-    def discard_stream_queues(self) -> None:
-        if self._queues is not None:
-            for q in self._queues[1]:
-                q.shutdown(force=True)
-            self._queues = None
-
-    def finish_streamed_update(
-        self,
-        version: int,
-        pending: list[ObjectRef[SyncReport]],
-        manifest: SyncManifest | None,
-        probe: Probe | None = None,
+    def verify(
+        self, version: int, manifest: SyncManifest | None, probe: Probe | None = None
     ) -> list[SyncReport]:
-        self._gather_sync(version, pending)
+        """Every engine proves that it received `manifest` and (with `probe`) serves it; only then does
+        the group serve `version`."""
         reports = self._gather_sync(
             version, [a.verify.remote(version, manifest, probe) for a in self.workers.actors]
         )
@@ -910,33 +849,8 @@ class RolloutGroup:
         return reports
 
     def _gather_sync(self, version: int, calls: list[ObjectRef[SyncReport]]) -> list[SyncReport]:
-        import ray
-
         names = [f"{self.workers.name}-{i}" for i in range(len(calls))]
-        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=self.sync_timeout_s)
-        done = set(ready)
-        reports: list[SyncReport] = []
-        errors: list[WeightSyncError] = []
-        for name, ref in zip(names, calls, strict=True):
-            if ref not in done:
-                errors.append(WeightSyncError(version, name, f"no answer within {self.sync_timeout_s:.0f} s"))
-                continue
-            try:  # every finished call is read, so no engine's error goes unreported
-                reports.append(ray.get(ref))
-            except ray.exceptions.RayTaskError as e:
-                cause = e.as_instanceof_cause()
-                if isinstance(cause, WeightSyncError):
-                    errors.append(WeightSyncError(cause.version, cause.engine, cause.reason))
-                else:
-                    errors.append(WeightSyncError(version, name, f"{type(e).__name__}: {e}"))
-            except ray.exceptions.RayActorError as e:
-                errors.append(WeightSyncError(version, name, f"engine died: {e}"))
-        if errors:
-            first = errors[0]
-            if len(errors) > 1:
-                others = ", ".join(e.engine for e in errors[1:])
-                raise WeightSyncError(first.version, first.engine, f"{first.reason} (also failed: {others})")
-            raise first
+        reports: list[SyncReport] = gather_engine_calls(version, names, calls, self.sync_timeout_s)
         return reports
 
     @property
@@ -960,5 +874,6 @@ class RolloutGroup:
         return self.workers.call("info")
 
     def shutdown(self) -> None:
-        self.discard_stream_queues()
+        if self._sender is not None:
+            self._sender.close()
         self.workers.shutdown()

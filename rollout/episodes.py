@@ -177,6 +177,7 @@ def start_policy_engines(
         name=name,
         sync_timeout_s=rollout.sync_timeout_s,
         ray_address=cfg.ray.address,
+        weight_transfer=rollout.weight_transfer,
         max_model_len=rollout.max_model_len,
         **rollout.group_kwargs(),
         dtype=cfg.model.dtype,

@@ -1,15 +1,17 @@
 """Learner -> rollout-engine weight sync: the strategies, their proof, and the logprob mismatch metric.
 
-The learners turn their module into buckets (posttrain.weights); the engines stream them into vLLM's
-in-place reload in one pass and checksum each tensor they received. One strategy per run, chosen once
-by `WeightSync.for_run`:
+Full weights go through vLLM's weight-transfer API with the backend the engines started with (`shm`, see
+posttrain.weight_transfer): the learners' sender drives every engine's update, bucket by bucket, and
+returns the manifest of what it sent. One strategy per run, chosen once by `WeightSync.for_run`:
 
-    bulk     sync_from_learners: all buckets put into the object store, then loaded
-    stream   stream_sync_from_learners: pipelined, at most `max_inflight` buckets queued per engine
+    bulk     sync_from_learners: shared memory holds every bucket, the learners never wait
+    stream   stream_sync_from_learners: a ring of `max_inflight` buckets (bounded memory)
     adapter  sync_lora_from_learners: LoRA learners export the adapter only
 
-Each ends with every engine proving the version: received checksums == the learners' manifest, and the
-engine's prompt logprobs of the probe sequence == the learners' (within the calibrated tolerance); any
+Frozen parameters (a frozen vision tower) are sent with the first push and after a failed one only; the
+manifest then names them with their digests, which each engine must hold from an earlier verified sync.
+Each push ends with every engine proving the version: received digests == the learners' manifest, and
+the engine's prompt logprobs of the probe sequence == the learners' (within the calibrated tolerance); any
 failure or timeout raises WeightSyncError(version, engine, reason), and an engine whose weights were
 touched by a failed sync refuses to generate until a sync succeeds."""
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from posttrain.weights import SyncManifest
+from posttrain.weight_transfer import WeightSyncError
 
 if TYPE_CHECKING:
     from posttrain.groups import LearnerGroup
@@ -32,17 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("posttrain.rollout")
 
 SyncStrategy = Literal["bulk", "stream", "adapter"]
-
-
-class WeightSyncError(RuntimeError):
-    """An engine did not end up serving weight `version`: bad checksum, probe mismatch, error, timeout."""
-
-    def __init__(self, version: int, engine: str, reason: str) -> None:
-        super().__init__(f"weight sync to version {version} failed on engine {engine}: {reason}")
-        self.version, self.engine, self.reason = version, engine, reason
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (WeightSyncError, (self.version, self.engine, self.reason))
+__all__ = ["WeightSyncError"]  # defined with the sender (core), raised and caught here
 
 
 @dataclass
@@ -61,13 +53,17 @@ def sync_from_learners(
     bucket_mb: float = 64,
     probe_ids: list[int] | None = None,
     atol: float = 1e-4,
+    slots: int | None = None,
+    include_frozen: bool = True,
 ) -> list[SyncReport]:
-    """Learner group -> RolloutGroup: buckets through the object store, checksums checked on every
-    engine, and (with `probe_ids`) engine logprobs of that sequence checked against the learners'.
-    Returns the engines' reports."""
-    refs, manifest = learners.weight_buckets(bucket_mb)
+    """Learner group -> RolloutGroup through the engines' weight-transfer backend: `slots` buckets in
+    flight (None: all), frozen parameters only with `include_frozen`; then every engine checks the
+    digests and (with `probe_ids`) its logprobs of that sequence against the learners'. Returns the
+    engines' reports."""
+    client = engines.transfer_client(version)
+    manifest = learners.send_weights(client, bucket_mb, slots, include_frozen)
     probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
-    return engines.update_weights(version, refs, manifest, probe)
+    return engines.verify(version, manifest, probe)
 
 
 def stream_sync_from_learners(
@@ -78,24 +74,13 @@ def stream_sync_from_learners(
     max_inflight: int = 2,
     probe_ids: list[int] | None = None,
     atol: float = 1e-4,
+    include_frozen: bool = True,
 ) -> list[SyncReport]:
-    """Pipelined variant of `sync_from_learners`: engines load bucket k while the learners gather bucket
-    k+1, with at most `max_inflight` buckets queued per engine (bounded object-store use instead of a
-    full copy of the model). Checksums and the probe are checked once the manifest is complete; until
-    then the engines refuse to generate. The engines' queues (one small Ray actor each, about a second to
-    start) are kept by the group for the next call, and dropped after any failure."""
-    queues = engines.stream_queues(max_inflight)
-    ok = False
-    try:
-        pending = engines.start_streamed_update(version, queues)
-        manifest: SyncManifest = learners.stream_weights(queues, bucket_mb)
-        probe = learner_probe(learners, probe_ids, atol) if probe_ids is not None else None
-        reports = engines.finish_streamed_update(version, pending, manifest, probe)
-        ok = True  # every engine read its queue through the end marker: the queues are empty
-        return reports
-    finally:
-        if not ok:
-            engines.discard_stream_queues()
+    """`sync_from_learners` through a ring of `max_inflight` buckets: the engines load bucket k while the
+    learners gather and copy bucket k+1, and shared memory holds `max_inflight` buckets, not the model."""
+    return sync_from_learners(
+        learners, engines, version, bucket_mb, probe_ids, atol, max_inflight, include_frozen
+    )
 
 
 def sync_lora_from_learners(
@@ -121,6 +106,8 @@ def learner_probe(learners: LearnerGroup, probe_ids: list[int], atol: float = 1e
     return Probe(list(probe_ids), learners.sequence_logprobs(probe_ids), atol)
 
 
+STREAM_SLOTS = 2
+"""`stream`: buckets in flight per sync (one loading while the next is copied)."""
 PROBE_ATOL = {"float32": 1e-4, "bfloat16": 5e-2}
 """Default probe tolerance per dtype, on top of the kernel difference measured at calibration."""
 PROBE_BASELINE_FACTOR = 2.0
@@ -170,6 +157,7 @@ class WeightSync:
     bucket_mb: float = 64
     adapters_dir: Path | None = None  # adapter: where each version's adapter is written
     version: int = 0
+    frozen_delivered: bool = False  # the engines hold the frozen parameters from a verified push
 
     @classmethod
     def for_run(
@@ -197,12 +185,14 @@ class WeightSync:
             assert self.adapters_dir is not None
             reports = sync_lora_from_learners(*args, str(self.adapters_dir), self.probe_ids, self.atol)
             _prune_adapters(self.adapters_dir, version)
-        elif self.strategy == "stream":
-            reports = stream_sync_from_learners(
-                *args, self.bucket_mb, probe_ids=self.probe_ids, atol=self.atol
-            )
         else:
-            reports = sync_from_learners(*args, self.bucket_mb, self.probe_ids, self.atol)
+            slots = STREAM_SLOTS if self.strategy == "stream" else None
+            frozen = not self.frozen_delivered
+            self.frozen_delivered = False  # until this push is verified
+            reports = sync_from_learners(
+                *args, self.bucket_mb, self.probe_ids, self.atol, slots, include_frozen=frozen
+            )
+            self.frozen_delivered = True
         self.version = version
         return {
             "sync/seconds": time.perf_counter() - t0,

@@ -17,7 +17,7 @@ import torch
 from posttrain.groups import LearnerGroup
 from posttrain.rollout import Probe, RolloutRequest, WeightSyncError, logprob_mismatch
 from posttrain.stage import prepare_inputs
-from posttrain.weights import SyncManifest, iter_buckets, put_buckets
+from posttrain.weights import Bucket, SyncManifest, bucket_digests, iter_buckets
 
 from helpers import sync_sft_config, vl_response_logprobs
 
@@ -32,12 +32,20 @@ def hf_token_logprobs(model: torch.nn.Module, ids: list[int]) -> list[float]:
     return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
 
 
+def manifest_of(buckets: list[Bucket], held: dict[str, int] | None = None) -> SyncManifest:
+    """What a sender of `buckets` claims (and, in `held`, which unsent tensors the engines must hold)."""
+    manifest = SyncManifest(held=held or {})
+    for b in buckets:
+        for (n, t), digest in zip(b, bucket_digests([t for _, t in b]), strict=True):
+            manifest.add(n, digest, t.numel() * t.element_size())
+    return manifest
+
+
 def push(engines: Any, model: torch.nn.Module, version: int, probe_ids: list[int]) -> list[dict[str, Any]]:
-    manifest = SyncManifest()
-    refs = put_buckets(iter_buckets(model.named_parameters(), bucket_mb=0.5), manifest)
+    buckets = list(iter_buckets(model.named_parameters(), bucket_mb=0.5))
     probe = Probe(probe_ids, hf_token_logprobs(model, probe_ids))
-    reports = engines.update_weights(version, refs, manifest, probe)
-    assert all(r["checksum"] == pytest.approx(manifest.checksum, rel=1e-12) for r in reports)
+    reports = engines.update_weights(version, buckets, probe=probe)
+    assert all(r["checksum"] == manifest_of(buckets).checksum for r in reports)
     return reports
 
 
@@ -144,11 +152,8 @@ def test_weight_update_serves_new_version(engines: Any, tok: Any, tiny_text_mode
 def test_corrupted_sync_raises_naming_version(engines: Any, tok: Any, hf_model: torch.nn.Module) -> None:
     prompt = chat_ids(tok, "What is 1+1?")
     push(engines, hf_model, version=3, probe_ids=prompt)
-    manifest = SyncManifest()
     buckets = list(iter_buckets(hf_model.named_parameters(), bucket_mb=0.5))
-    for b in buckets:
-        for n, t in b:
-            manifest.add(n, t)
+    manifest = manifest_of(buckets)
     name, t = buckets[-1][-1]
     buckets[-1][-1] = (name, t.clone().index_put_((torch.tensor([0]),), torch.tensor(1.0), accumulate=True))
     with pytest.raises(WeightSyncError, match=r"version 4 .*rollout-\d.*checksum mismatch") as err:
@@ -156,9 +161,8 @@ def test_corrupted_sync_raises_naming_version(engines: Any, tok: Any, hf_model: 
     assert err.value.version == 4 and name in err.value.reason
     # A probe the engine cannot meet (its expected logprobs are someone else's) fails the same way.
     wrong = Probe(prompt, [lp - 0.01 for lp in hf_token_logprobs(hf_model, prompt)])
-    refs = put_buckets(iter_buckets(hf_model.named_parameters(), bucket_mb=0.5))
     with pytest.raises(WeightSyncError, match="version 5 .*probe logprobs differ"):
-        engines.update_weights(5, refs, None, wrong)
+        engines.update_weights(5, list(iter_buckets(hf_model.named_parameters(), bucket_mb=0.5)), None, wrong)
     infos = engines.info()  # failed syncs never claim the new version, and the engines stop serving
     assert [i["version"] for i in infos] == [3, 3] and all("version 5 failed" in i["dirty"] for i in infos)
     with pytest.raises(RuntimeError, match="will not generate"):
@@ -168,21 +172,17 @@ def test_corrupted_sync_raises_naming_version(engines: Any, tok: Any, hf_model: 
 
 
 def test_sync_timeout_raises(engines: Any, hf_model: torch.nn.Module, tok: Any) -> None:
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def slow_bucket(bucket: Any) -> Any:
-        time.sleep(3)
-        return bucket
-
+    busy = engines.workers.actors[0].__ray_call__.remote(lambda _: time.sleep(3))  # engine 0 cannot answer
     buckets = list(iter_buckets(hf_model.named_parameters(), bucket_mb=0.5))
-    refs = [slow_bucket.remote(buckets[0]), *put_buckets(buckets[1:])]
     engines.sync_timeout_s = 0.5
     try:
-        with pytest.raises(WeightSyncError, match="version 7 .*no answer within"):
-            engines.update_weights(7, refs)
+        with pytest.raises(WeightSyncError, match=r"version 7 .*rollout-0.*no answer within"):
+            engines.update_weights(7, buckets)
     finally:
         engines.sync_timeout_s = 60
+    import ray
+
+    ray.get(busy)
     push(engines, hf_model, version=8, probe_ids=chat_ids(tok, "What is 2+2?"))  # re-sync recovers
 
 
@@ -286,11 +286,21 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
         str(tiny_vl_model), 1, num_cpus=0.5, name="rollout-vl", limit_images=1, **ENGINE_ARGS
     )
     try:
-        manifest = SyncManifest()
-        refs = put_buckets(iter_buckets(model.named_parameters(), bucket_mb=0.5), manifest)
         text_probe = ids[:12]
+        full = list(iter_buckets(model.named_parameters(), bucket_mb=0.5))
+        group.update_weights(1, full, probe=Probe(text_probe, hf_token_logprobs(model, text_probe)))
+        # A frozen vision tower is sent once: later syncs leave it out and the engine proves it still holds
+        # the digests it verified (the images below still go through that tower).
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".visual." not in f".{n}":
+                    p.mul_(1.01)
+        named = list(model.named_parameters())
+        frozen = manifest_of([[(n, p.detach()) for n, p in named if ".visual." in f".{n}"]]).checksums
+        trained = list(iter_buckets([(n, p) for n, p in named if n not in frozen], bucket_mb=0.5))
         probe = Probe(text_probe, hf_token_logprobs(model, text_probe))
-        group.update_weights(1, refs, manifest, probe)
+        report = group.update_weights(2, trained, manifest_of(trained, frozen), probe)[0]
+        assert report["tensors"] < len(named) and frozen
         res, budgeted = group.generate(
             [
                 RolloutRequest(ids, n=2, max_tokens=6, seed=0, images=[image], ignore_eos=True),
@@ -300,7 +310,7 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
     finally:
         group.shutdown()
     prompt = inputs["input_ids"][0].tolist()
-    assert res.prompt_token_ids == prompt and res.weight_version == 1
+    assert res.prompt_token_ids == prompt and res.weight_version == 2
     closed = budgeted.samples[0]  # phase 2 re-sends the unexpanded ids with the image: same expansion
     assert budgeted.prompt_token_ids == prompt and len(closed.token_ids) == 6 and closed.forced == [2, 3]
     for s in res.samples:
@@ -311,7 +321,7 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
 def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path) -> None:
     from posttrain.data.processing import load_processing
     from posttrain.data.sft_dataset import build_sft_dataset
-    from posttrain.rollout import RolloutGroup, sync_lora_from_learners
+    from posttrain.rollout import RolloutGroup, sync_from_learners, sync_lora_from_learners
     from posttrain.sft.driver import train_step
 
     cfg = sync_sft_config(
@@ -329,7 +339,7 @@ def test_lora_adapter_sync_matches_learner(tmp_path: Path, tiny_text_model: Path
     learners = LearnerGroup(cfg, model_path, is_vl, total_steps=2)
     try:
         with pytest.raises(ValueError, match="LoRA"):  # full-weight buckets refuse an unmerged adapter
-            learners.weight_buckets(1)
+            sync_from_learners(learners, engines, 1)
         base = engines.prompt_logprobs([prompt])[0]
         for step in range(2):
             train_step(learners, data, step, cfg)
