@@ -20,6 +20,7 @@ probe) are posttrain.rollout's.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import tempfile
@@ -85,7 +86,7 @@ def gather_engine_calls(
     errors: list[WeightSyncError] = []
     for name, ref in zip(names, calls, strict=True):
         if ref not in done:
-            errors.append(WeightSyncError(version, name, f"no answer within {timeout_s:.0f} s"))
+            errors.append(WeightSyncError(version, name, f"no answer within {timeout_s:g} s"))
             continue
         try:  # every finished call is read, so no engine's error goes unreported
             answers.append(ray.get(ref))
@@ -139,7 +140,10 @@ class RayEngineClient:
 @dataclass
 class ShmUpdateInfo:
     """One bucket for the shm backend (vLLM's `update_info`, as a dict of plain lists): tensor i is
-    `dtype_names[i]` of `shapes[i]` at byte `offsets[i]` of the shared-memory file `region`."""
+    `dtype_names[i]` of `shapes[i]` at byte `offsets[i]` of the shared-memory file `region`. With
+    `reused` the sender rewrites these bytes before the update finishes (a ring of slots), so the receiver
+    copies them out first: vLLM's layerwise reload keeps a layer's tensors until the layer is complete,
+    some (padded vocabularies) until the update finishes."""
 
     region: str
     region_bytes: int
@@ -147,6 +151,7 @@ class ShmUpdateInfo:
     dtype_names: list[str]
     shapes: list[list[int]]
     offsets: list[int]
+    reused: bool = False
 
 
 class ShmRegion:
@@ -236,6 +241,17 @@ def slot_layout(bucket: Bucket) -> tuple[list[int], int]:
     return offsets, end
 
 
+def slot_bases(bucket_bytes: Sequence[int], slots: int | None) -> tuple[list[int], int]:
+    """Where each bucket goes in the region, and the region's size: back to back (`slots` None), or in a
+    ring of `slots` slots each as large as the largest bucket."""
+    if slots is None:
+        bases = list(itertools.accumulate(bucket_bytes, initial=0))
+        return bases[:-1], bases[-1]
+    slots = max(1, min(slots, len(bucket_bytes)))
+    slot = max(bucket_bytes, default=0)
+    return [(k % slots) * slot for k in range(len(bucket_bytes))], slots * slot
+
+
 def aligned_size(sizes: Iterable[int]) -> int:
     return sum(-(-s // ALIGN) * ALIGN for s in sizes)
 
@@ -261,10 +277,10 @@ class ShmSender:
         """Drive one update of every engine through `client`; `bucket_bytes`: each bucket's aligned size
         (`aligned_size`), known before the first is gathered; `slots`: buckets in flight (None: one per
         bucket, so the sender never waits for the engines). Returns the manifest of what was sent."""
-        slots = len(bucket_bytes) if slots is None else max(1, min(slots, len(bucket_bytes)))
-        slot_bytes = max(bucket_bytes, default=0)
+        bases, size = slot_bases(bucket_bytes, slots)
+        slots = len(bases) if slots is None else max(1, min(slots, len(bases)))
         clock = Clock()
-        region = self._region(max(ALIGN, slots * slot_bytes))
+        region = self._region(max(ALIGN, size))
         manifest = SyncManifest()
         in_flight: list[Future[None] | None] = [None] * slots
         client.start_weight_update()
@@ -275,7 +291,7 @@ class ShmSender:
             if previous is not None:
                 previous.result()  # every engine has loaded what the slot held
             clock.lap("slot_wait_s")
-            info = self._write(bucket, region, (k % slots) * slot_bytes, manifest)
+            info = self._write(bucket, region, bases[k], manifest, reused=k + slots < len(bases))
             clock.lap("copy_digest_s")
             in_flight[k % slots] = self.caller.submit(client.update_weights, asdict(info))
         for pending in in_flight:
@@ -288,7 +304,9 @@ class ShmSender:
         self.phases = clock.laps
         return manifest
 
-    def _write(self, bucket: Bucket, region: ShmRegion, base: int, manifest: SyncManifest) -> ShmUpdateInfo:
+    def _write(
+        self, bucket: Bucket, region: ShmRegion, base: int, manifest: SyncManifest, reused: bool
+    ) -> ShmUpdateInfo:
         """Copy `bucket` into the slot at `base` while the digests of its sources are computed alongside."""
         import numpy as np
 
@@ -306,6 +324,7 @@ class ShmSender:
             [str(t.dtype).removeprefix("torch.") for _, t in bucket],
             [list(t.shape) for _, t in bucket],
             [base + o for o in offsets],
+            reused,
         )
 
     def _region(self, size: int) -> ShmRegion:

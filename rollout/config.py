@@ -40,8 +40,9 @@ class RolloutConfig(EngineSettings, SamplingConfig):
     samples_per_prompt: int = Field(8, ge=2)
     """Responses per prompt (the group size of the advantage)."""
     sync: Literal["stream", "bulk"] = "stream"
-    """Weight sync: `stream` keeps two buckets in flight (bounded shared memory), `bulk` sizes shared memory
-    for every bucket so the learner never waits for the engines."""
+    """Weight sync: `stream` keeps two buckets in flight (bounded shared memory; the engines copy each
+    bucket out before loading it), `bulk` sizes shared memory for every bucket, so the learner never waits
+    and the engines load straight from it."""
     weight_transfer: TransferBackend = "shm"
     """vLLM weight-transfer backend the engines receive full weights with: `shm`, posttrain's
     shared-memory backend (learner rank 0 and the engines on one host; CPU or GPU engines)."""

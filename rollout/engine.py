@@ -600,6 +600,19 @@ class RolloutEngine:
 # -------------------------------------------------------------------------------------------- helpers
 
 
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
+
+
+def cpu_engine_env(device: str) -> dict[str, str]:
+    """A CPU engine's malloc backs its large blocks with transparent huge pages: vLLM's reload allocates
+    every layer afresh at each weight sync (then oneDNN packs it into another fresh block), and faulting
+    those in 4 KiB pages halved the copy speed (1 GiB: 2.1 -> 4.1 GB/s measured). Numerics are unchanged."""
+    if device != "cpu":
+        return {}
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return {"GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGE_MALLOC}" if tunables else HUGE_PAGE_MALLOC}
+
+
 def _end_unfinished_update(worker: Any) -> None:
     """`LLM.collective_rpc` target: close an update a failed sender left open (vLLM refuses to start
     another); the layers it never reached keep their weights, and the next update replaces them all."""
@@ -751,7 +764,7 @@ class RolloutGroup:
             num_gpus=tp,
             name=name,
             init_args=(model_path, {**engine_kwargs, "name": name, "device": device}),
-            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {},
+            env={**({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {}), **cpu_engine_env(device)},
             device=device,
             config_key=config_key,
         )

@@ -4,8 +4,8 @@ by `register`). Imported only in engine processes (it imports vLLM).
 
 As vLLM's own checkpoint-format backends (ipc), `start_weight_update` begins vLLM's layerwise in-place
 reload and `finish_weight_update` ends it; each `update_weights` loads one bucket straight from the
-sender's shared memory (posttrain.weight_transfer) through the model's weight loaders, while a second
-thread digests the same bytes. The digests wait in `received` for the engine's proof. Layers whose
+sender's shared memory (posttrain.weight_transfer) through the model's weight loaders (copied out first
+when the sender reuses the slot), while a second thread digests the same bytes. The digests wait in `received` for the engine's proof. Layers whose
 weights are not sent (a frozen vision tower) keep theirs: vLLM warns once per such layer and sync, which
 `_QuietUnsentLayers` silences.
 """
@@ -84,6 +84,8 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmBucket]):
         self.clock.lap("between_s")
         tensors = self._mapped(update_info).tensors(update_info)
         digests = self.hasher.submit(bucket_digests, [t for _, t in tensors])
+        if update_info.reused:  # the slot is rewritten before vLLM has necessarily used every tensor
+            tensors = [(n, t.clone()) for n, t in tensors]
         model: Any = self.model  # vLLM models define load_weights; nn.Module does not
         model.load_weights(tensors)
         self.clock.lap("load_s")

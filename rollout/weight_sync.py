@@ -5,7 +5,7 @@ posttrain.weight_transfer): the learners' sender drives every engine's update, b
 returns the manifest of what it sent. One strategy per run, chosen once by `WeightSync.for_run`:
 
     bulk     sync_from_learners: shared memory holds every bucket, the learners never wait
-    stream   stream_sync_from_learners: a ring of `max_inflight` buckets (bounded memory)
+    stream   stream_sync_from_learners: a ring of `max_inflight` buckets (bounded memory, one more copy)
     adapter  sync_lora_from_learners: LoRA learners export the adapter only
 
 Frozen parameters (a frozen vision tower) are sent with the first push and after a failed one only; the
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from posttrain.weight_transfer import WeightSyncError
+from posttrain.weight_transfer import WeightSyncError  # defined with the sender (core), which raises it too
 
 if TYPE_CHECKING:
     from posttrain.groups import LearnerGroup
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("posttrain.rollout")
 
 SyncStrategy = Literal["bulk", "stream", "adapter"]
-__all__ = ["WeightSyncError"]  # defined with the sender (core), raised and caught here
 
 
 @dataclass
@@ -77,7 +76,8 @@ def stream_sync_from_learners(
     include_frozen: bool = True,
 ) -> list[SyncReport]:
     """`sync_from_learners` through a ring of `max_inflight` buckets: the engines load bucket k while the
-    learners gather and copy bucket k+1, and shared memory holds `max_inflight` buckets, not the model."""
+    learners gather and copy bucket k+1, and shared memory holds `max_inflight` buckets, not the model (the
+    engines copy each bucket out of its slot, as vLLM may keep a layer's tensors until the update ends)."""
     return sync_from_learners(
         learners, engines, version, bucket_mb, probe_ids, atol, max_inflight, include_frozen
     )

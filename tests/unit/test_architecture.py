@@ -39,7 +39,10 @@ DEFERRED = {
         "posttrain.pipeline.stages",
     ): "the stages import torch: `posttrain --help` stays instant",
     ("posttrain.learner", "posttrain.ds_checkpoint"): "imports deepspeed at module level: actors only",
-    ("posttrain.rollout.engine", "posttrain.rollout.shm_transfer"): "imports vllm at module level: engines only",
+    (
+        "posttrain.rollout.engine",
+        "posttrain.rollout.shm_transfer",
+    ): "imports vllm at module level: engines only",
 }
 
 

@@ -17,6 +17,7 @@ from posttrain.weight_transfer import (
     ShmUpdateInfo,
     send_buckets,
     send_module,
+    slot_bases,
     slot_layout,
 )
 from posttrain.weights import ModuleBuckets, SyncManifest, bucket_digests, iter_buckets
@@ -31,6 +32,7 @@ class Receiver:
     received: dict[str, int] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     regions: dict[str, ShmRegion] = field(default_factory=dict)
+    reused: list[bool] = field(default_factory=list)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self.calls.append("init")
@@ -40,6 +42,7 @@ class Receiver:
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         info = ShmUpdateInfo(**update_info)
+        self.reused.append(info.reused)
         if info.region not in self.regions:
             self.regions[info.region] = ShmRegion(info.region, info.region_bytes)
         tensors = self.regions[info.region].tensors(info)
@@ -68,6 +71,7 @@ def test_shm_round_trip_reuses_one_region_and_unlinks_it() -> None:
     assert len(buckets) > 2
     sender, receiver = ShmSender(), Receiver()
     manifest = send_buckets(sender, buckets, receiver, version=3)
+    assert receiver.reused == [False] * len(buckets)  # one place per bucket: nothing is overwritten
     assert receiver.calls == ["start", *["update"] * len(buckets), "finish 3"]
     for name, t in tensors:
         assert torch.equal(receiver.loaded[name], t) and receiver.loaded[name].dtype == t.dtype
@@ -75,11 +79,15 @@ def test_shm_round_trip_reuses_one_region_and_unlinks_it() -> None:
     assert manifest.nbytes == sum(t.numel() * t.element_size() for _, t in tensors)
     region = sender.region
     assert region is not None and not os.path.exists(region.path)  # unlinked once the receiver mapped it
+    assert slot_bases([128, 64, 192], None) == ([0, 128, 192], 384)  # back to back
+    assert slot_bases([128, 64, 192], 2) == ([0, 192, 0], 384)  # a ring of the largest bucket
     for slots in (1, 2):  # a ring smaller than the model: the sender waits for each slot's load
         receiver.loaded.clear()
         sender.send(buckets, [slot_layout(b)[1] for b in buckets], receiver, 4, slots)
         assert all(torch.equal(receiver.loaded[n], t) for n, t in tensors)
-    assert sender.region is region  # sized once, reused
+        assert (sender.region is region) == (slots == 1)  # reused while large enough, else grown
+        # every bucket but the last `slots` is overwritten before the update finishes: the receiver copies
+        assert receiver.reused[-len(buckets) :] == [k + slots < len(buckets) for k in range(len(buckets))]
     sender.close()
 
 
@@ -121,7 +129,9 @@ def test_frozen_parameters_are_sent_once_then_proved_by_the_engines_digests() ->
     assert later is not None and set(later.checksums) == {"lm.weight", "lm.bias"} == set(receiver.received)
     later.held = {n: first.checksums[n] for n in full.frozen}
     assert later.compare(receiver.received, held) is None
-    assert "not held from an earlier verified sync, e.g. visual" in (later.compare(receiver.received, {}) or "")
+    assert "not held from an earlier verified sync, e.g. visual" in (
+        later.compare(receiver.received, {}) or ""
+    )
     assert send_module(None, partial, receiver, 3, None) is None  # a non-sending rank only iterates
     sender.close()
 
