@@ -45,8 +45,8 @@ NOT_ON_CPU_06B = (
     "the random Qwen3-0.6B is built on GPU only: on a few CPU cores its engine and learner take minutes"
 )
 IPC_TODO = (
-    "vLLM's CUDA-IPC / NCCL weight transfer is not in posttrain yet: weights go through the Ray object store "
-    "(goal: a 0.6B sync in < 0.3 s over IPC)"
+    "vLLM's CUDA-IPC / NCCL weight-transfer backends are not in posttrain yet: weights go through the same "
+    "API with posttrain's shared-memory backend (goal: a 0.6B sync in < 0.3 s over IPC)"
 )
 COLOCATE_TODO = (
     "learner and engine on one GPU (vLLM sleep / wake or time-sharing) is not in posttrain yet "

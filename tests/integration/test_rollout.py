@@ -238,7 +238,7 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
         for step in range(2):
             train_step(learners, data, step, cfg)
             t0 = time.perf_counter()
-            if step == 0:  # all buckets into the object store, then every engine loads them
+            if step == 0:  # every bucket in its own place in shared memory
                 reports = sync_from_learners(learners, engines, 100 + step, bucket_mb=1, probe_ids=prompt)
             else:  # pipelined: engines load while the learners gather, one bucket in flight per engine
                 reports = stream_sync_from_learners(
