@@ -211,9 +211,12 @@ class ShmRegion:
             self.linked = False
 
     def close(self) -> None:
+        import contextlib
+
         if self.linked:
             self.unlink()
-        self.map.close()
+        with contextlib.suppress(BufferError):  # views still alive: the mapping goes with the last
+            self.map.close()
 
 
 class Clock:
