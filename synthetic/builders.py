@@ -27,7 +27,7 @@ from posttrain.synthetic.tasks import VERIFIERS, TaskArgs, TinyTask, write_task
 @builder("tiny_model", makes="model", args=TinyModel)
 def tiny_model(path: Path, args: TinyModel) -> None:
     """A tiny random Qwen3 (`kind: text`) or Qwen3-VL (`kind: vl`) with its tokenizer."""
-    build_tiny_model(path, args.kind, args.size, args.seed)
+    build_tiny_model(path, args.kind, args.size, args.seed, args.tools)
 
 
 @builder("qwen3_shape", makes="model", args=Qwen3Shape)
