@@ -487,7 +487,7 @@ def main() -> None:
     from posttrain.rollout import RolloutGroup, RolloutRequest
     from posttrain.workers import init_ray
 
-    model = common.tiny_model(args.out, args.size)
+    model = common.bench_model(args.out, args.size, args.layers)
     prompts = common.arithmetic_prompt_ids(model, args.prompts)
     load = {"before": common.load_1m()}
     init_ray(None, num_cpus=3 * args.threads)  # bare engine, posttrain engine, learner: one at a time busy
