@@ -18,6 +18,13 @@ def fp32_at_least(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in fp32 at least; at temperature 1 the logits themselves (x / 1 is x: no
+    [rows, V] copy to hold, in forward or in backward)."""
+    logits = fp32_at_least(logits)
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[...]: log softmax(logits)[target] of each row of `logits` [..., V], in fp32 at least."""
     import torch
@@ -34,10 +41,7 @@ class NextTokenLogprobs:
     temperature: float = 1.0
 
     def __call__(self, logits: torch.Tensor, inputs: Tensors, stats: bool) -> tuple[Tensors, Tensors]:
-        logits = fp32_at_least(logits)
-        if self.temperature != 1.0:  # x / 1 is x: skip a [rows, V] pass
-            logits = logits / self.temperature
-        return {"logp": token_logprobs(logits, inputs["targets"])}, {}
+        return {"logp": token_logprobs(tempered(logits, self.temperature), inputs["targets"])}, {}
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:

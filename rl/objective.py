@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from posttrain.loss_head import TokenTerms
-from posttrain.losses import fp32_at_least, token_logprobs
+from posttrain.losses import tempered, token_logprobs
 from posttrain.objectives import Loss, Norms, Tensors
 from posttrain.rl.config import AlgorithmConfig
 from posttrain.rl.losses import (
@@ -36,7 +36,7 @@ class PolicyRows:
     entropy_in_loss: bool
 
     def __call__(self, logits: Tensor, inputs: Tensors, stats: bool) -> tuple[Tensors, Tensors]:
-        logits = fp32_at_least(logits) / self.temperature
+        logits = tempered(logits, self.temperature)
         terms = {"logp": token_logprobs(logits, inputs["targets"])}
         if self.entropy_in_loss:
             return terms | {"entropy": entropy_from_logits(logits)}, {}
