@@ -176,10 +176,26 @@ def _chunked_rows() -> Any:
                 if grad_hidden is not None:
                     grad_hidden[chunk] = grad_logits @ weight
                 if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.T.to(acc), h.to(acc))
+                    _add_outer(grad_weight, grad_logits, h)
             return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None
 
     return ChunkedRows
+
+
+WEIGHT_BLOCK_ROWS = 4096
+"""Vocabulary rows per low-precision GEMM of the weight's gradient (a bf16 block of 4096 × hidden)."""
+
+
+def _add_outer(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """acc += grad_logitsᵀ · hidden. For low-precision inputs into an fp32 `acc`: the GEMM in their dtype
+    (bf16 kernels are many times faster than fp32 ones), a block of vocabulary rows at a time, each block
+    added to `acc` in fp32, so no [V, H] temporary is made."""
+    if grad_logits.dtype == acc.dtype:
+        acc.addmm_(grad_logits.T, hidden)
+        return
+    for start in range(0, acc.shape[0], WEIGHT_BLOCK_ROWS):
+        rows = slice(start, start + WEIGHT_BLOCK_ROWS)
+        acc[rows] += grad_logits[:, rows].T @ hidden
 
 
 @contextlib.contextmanager
