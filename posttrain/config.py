@@ -123,6 +123,10 @@ class ModelConfig(Strict):
     """Do not train the vision encoder and merger of a VL model."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    logits_chunk_mib: float = Field(64.0, gt=0)
+    """The learners' loss path computes the LM head's logits for this many MiB of positions at a time
+    (counted in fp32; ~110 positions at Qwen3's vocabulary) and again in backward, never all positions'
+    logits at once. Smaller holds less memory; larger makes fewer passes over the head's weight."""
     lora: Lora | None = None
     """Train LoRA adapters instead of all weights."""
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from posttrain.checkpoint import capture_rng, load_state, restore_rng, save_state
 from posttrain.config import TrainingStage, stage_model
-from posttrain.losses import lr_multiplier, next_token_logprobs
+from posttrain.loss_head import TokenTerms, per_token
+from posttrain.losses import NextTokenLogprobs, lr_multiplier
 from posttrain.memory import PeakMemory
 from posttrain.metrics import quiet_libraries
 from posttrain.objectives import Norms, Objective, StepStats, merge_stats
@@ -176,12 +177,12 @@ class Learner:
 
     def _backward(self, batch: Batch, norms: Norms, objective: Objective, scale: float) -> dict[str, float]:
         """Forward and backward of one micro-batch, its statistics as floats. Its own function so the
-        logits are freed when it returns, not held through the next micro-batch's forward."""
+        activations are freed when it returns, not held through the next micro-batch's forward."""
         inputs, rest = split_model_inputs(batch, self.device)
-        # No KV cache: with one, transformers stops reading packed rows' position ids as sample
-        # boundaries and samples would attend to each other.
-        logits = self.engine(**inputs, use_cache=False).logits
-        loss, stats = objective(logits, inputs["input_ids"], rest, norms)
+        ids = inputs["input_ids"]
+        request = objective.terms(ids, rest, norms)
+        values = per_token(self.engine, inputs, request, self.cfg.model.logits_chunk_mib)
+        loss, stats = objective(values, ids, rest, norms)
         self.engine.backward(loss * scale)
         return {**{k: float(v) for k, v in stats.items()}, "loss": float(loss.detach())}
 
@@ -194,8 +195,12 @@ class Learner:
 
         module = self.engine.module
         adapter_off = module.disable_adapter() if base_model else contextlib.nullcontext()
+        chunk_mib = self.cfg.model.logits_chunk_mib
         with adapter_off:
-            return [_next_token_logprobs(self.engine, batch, self.device, temperature) for batch in batches]
+            return [
+                _next_token_logprobs(self.engine, batch, self.device, chunk_mib, temperature)
+                for batch in batches
+            ]
 
     # ----------------------------------------------------------------------------------------- weights
 
@@ -296,7 +301,7 @@ def split_model_inputs(batch: Batch, device: str) -> tuple[Batch, Batch]:
 
 
 def _next_token_logprobs(
-    model: torch.nn.Module, batch: Batch, device: str, temperature: float = 1.0
+    model: torch.nn.Module, batch: Batch, device: str, chunk_mib: float, temperature: float
 ) -> torch.Tensor:
     import torch
 
@@ -305,9 +310,12 @@ def _next_token_logprobs(
     module.eval()
     with torch.no_grad():
         inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-        logits = model(**inputs, use_cache=False).logits
+        targets = inputs["input_ids"][:, 1:]
+        every = torch.ones_like(targets, dtype=torch.bool)
+        request = TokenTerms(every, {"targets": targets}, NextTokenLogprobs(temperature))
+        logp = per_token(model, inputs, request, chunk_mib)["logp"]
     module.train(was_training)
-    return next_token_logprobs(logits / temperature, inputs["input_ids"]).cpu()
+    return logp.cpu()
 
 
 class Reference:
@@ -317,6 +325,7 @@ class Reference:
     def __init__(self, stage: str, cfg_dict: Mapping[str, object], model_path: str, is_vl: bool) -> None:
         cfg = stage_model(stage).model_validate(cfg_dict)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"lora": None})})
+        self.chunk_mib = cfg.model.logits_chunk_mib
         self.device = resolve_device(cfg.device)  # threads: OMP_NUM_THREADS from the WorkerGroup
         model = load_model(cfg, model_path, is_vl, self.device)
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -324,7 +333,10 @@ class Reference:
     def logprobs(
         self, batches: list[Batch], base_model: bool = False, temperature: float = 1.0
     ) -> list[torch.Tensor]:
-        return [_next_token_logprobs(self.model, batch, self.device, temperature) for batch in batches]
+        return [
+            _next_token_logprobs(self.model, batch, self.device, self.chunk_mib, temperature)
+            for batch in batches
+        ]
 
 
 def _make_optimizer(cfg: TrainingStage, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

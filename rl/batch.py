@@ -3,8 +3,8 @@
     Episode (rollout.episodes) → Scored (rewards) → Experience (advantage, old / reference logprobs)
             → learner batch (`collate`)
 
-Per-token arrays use the learner layout of `next_token_logprobs`: position t of a sequence predicts token
-t+1, so response token j of a prompt of P tokens sits at position P - 1 + j.
+Per-token arrays use the learner layout (`Learner.logprobs`, posttrain.loss_head): position t of a sequence
+predicts token t+1, so response token j of a prompt of P tokens sits at position P - 1 + j.
 """
 
 from __future__ import annotations
