@@ -261,9 +261,6 @@ class Learner:
         return None
 
     def _resident(self, seconds: float) -> ResidentMemory:
-        import gc
-
-        gc.collect()
         moved = _state_bytes(self._zero_optimizer())
         if self.device == "cuda":
             import torch

@@ -198,7 +198,9 @@ class WorkerGroup:
             self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=name)
             _wait_reserved(self.placement_group, name, num_workers, bundle)
         else:
-            assert placement.count == num_workers, f"{name}: {num_workers} workers in {placement.count} bundles"
+            assert placement.count == num_workers, (
+                f"{name}: {num_workers} workers in {placement.count} bundles"
+            )
             self.placement_group = placement.group
 
         def in_bundle(rank: int) -> PlacementGroupSchedulingStrategy:

@@ -253,5 +253,9 @@ def _check_colocation(cfg: RLConfig) -> None:
             raise ValueError(
                 f"rollout.colocate offloads the optimizer states with DeepSpeed's offload_states, which only "
                 f"ZeRO optimizers have: set learners.zero_stage >= {needed}"
-                + (" (with bfloat16, ZeRO-1 runs DeepSpeed's BF16_Optimizer, which has none)" if needed == 2 else "")
+                + (
+                    " (with bfloat16, ZeRO-1 runs DeepSpeed's BF16_Optimizer, which has none)"
+                    if needed == 2
+                    else ""
+                )
             )
