@@ -64,12 +64,16 @@ def check_engine_share(share: float, learner_used: int, total: int) -> None:
         )
 
 
+def colocated_bundle(cfg: TrainingStage, rollout: RolloutConfig, device: str) -> dict[str, float]:
+    """The bundle of one learner-engine pair: both actors' CPUs and, on CUDA, one GPU (each actor asks
+    for COLOCATED_GPU_SHARE of it)."""
+    gpu = {"GPU": 1.0} if device == "cuda" else {}
+    return {"CPU": cfg.learners.cpus_per_learner + rollout.cpus_per_engine, **gpu}
+
+
 def colocated_placement(cfg: TrainingStage, rollout: RolloutConfig) -> SharedPlacement:
-    """One bundle per learner-engine pair: both actors' CPUs and, on CUDA, one GPU."""
-    lc = cfg.learners
-    gpu = {"GPU": 1.0} if resolve_device(cfg.device) == "cuda" else {}
-    bundle = {"CPU": lc.cpus_per_learner + rollout.cpus_per_engine, **gpu}
-    return SharedPlacement("colocated", lc.num_learners, bundle, "rollout.colocate")
+    bundle = colocated_bundle(cfg, rollout, resolve_device(cfg.device))
+    return SharedPlacement("colocated", cfg.learners.num_learners, bundle, "rollout.colocate")
 
 
 @dataclass
