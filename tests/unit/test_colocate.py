@@ -75,3 +75,10 @@ def test_valid_colocated_configs() -> None:
 def test_on_policy_distillation_rejects_colocate() -> None:
     with pytest.raises(ConfigError, match=r"rollout\.colocate is supported by `posttrain rl` only"):
         load_config("distill", ROOT / "configs/tiny/distill.yaml", ["rollout.colocate=true"])
+
+
+@pytest.mark.parametrize("recipe", ["qwen3/0.6b/rl_grpo_1gpu.yaml", "qwen3-vl/2b/rl_grounding_1gpu.yaml"])
+def test_one_gpu_recipes_colocate_one_pair(recipe: str) -> None:
+    cfg = load_config("rl", ROOT / "configs" / recipe)
+    assert cfg.rollout.colocate and cfg.rollout.num_engines == cfg.learners.num_learners == 1
+    assert cfg.device == "auto" and cfg.learners.zero_stage >= 2  # validated for CUDA with bfloat16
