@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,7 +20,7 @@ from posttrain.checkpoint import capture_rng, load_state, restore_rng, save_stat
 from posttrain.config import TrainingStage, stage_model
 from posttrain.loss_head import TokenTerms, per_token
 from posttrain.losses import NextTokenLogprobs, lr_multiplier
-from posttrain.memory import PeakMemory
+from posttrain.memory import PeakMemory, rss_bytes
 from posttrain.metrics import quiet_libraries
 from posttrain.objectives import Norms, Objective, StepStats, merge_stats
 from posttrain.weights import SyncManifest, put_module_buckets, stream_module_buckets
@@ -35,6 +37,21 @@ DS_TAG = "deepspeed"
 Batch = dict[str, "torch.Tensor"]
 """A collated micro-batch: name -> tensor."""
 log = logging.getLogger(__name__)
+OFFLOADED_STATES = ("optim_states", "hp_params", "lp_grads", "contiguous_grad_buffer")
+"""What a colocated learner moves to host memory while its engine generates: everything but the bf16/fp32
+model weights (`lp_params`), which the weight sync and the probe read in the meantime."""
+
+
+@dataclass(frozen=True)
+class ResidentMemory:
+    """A learner's memory after an offload or reload: `used_bytes` of `total_bytes` (on CUDA the whole
+    device's, measured before its engine starts so all of it is the learner's; on the CPU this process's
+    RSS of the host's memory), the optimizer-state bytes moved and the seconds it took."""
+
+    used_bytes: int
+    total_bytes: int
+    moved_bytes: int
+    seconds: float
 
 
 def deepspeed_config(cfg: TrainingStage) -> dict[str, Any]:
@@ -214,6 +231,52 @@ class Learner:
         zero3 = self.cfg.learners.zero_stage == 3
         return stream_module_buckets(self.engine.module, queues, bucket_mb, zero3, sender=self.rank == 0)
 
+    # -------------------------------------------------------------------------------------- colocation
+
+    def offload_states(self) -> ResidentMemory:
+        """Optimizer states (and gradient buffers) to host memory with DeepSpeed's `offload_states`, so
+        the colocated engine can wake; the weights stay. Without a ZeRO optimizer (ZeRO-0 on the CPU,
+        where both live in host memory anyway) nothing moves."""
+        t0 = time.perf_counter()
+        if self._zero_optimizer() is not None:
+            from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
+
+            include = [OffloadStateTypeEnum(name) for name in OFFLOADED_STATES]
+            pin = self.device == "cuda"  # pinned host buffers make the reload an async copy
+            self.engine.offload_states(include=include, device=OffloadDeviceEnum.cpu, pin_memory=pin)
+        return self._resident(time.perf_counter() - t0)
+
+    def reload_states(self) -> ResidentMemory:
+        """The offloaded states back on the device before training."""
+        t0 = time.perf_counter()
+        if self._zero_optimizer() is not None:
+            self.engine.reload_states()
+        return self._resident(time.perf_counter() - t0)
+
+    def _zero_optimizer(self) -> Any:
+        """DeepSpeed's ZeRO optimizer when it can offload; an error on CUDA when it cannot."""
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "offload_states"):
+            return optimizer
+        if self.device == "cuda":
+            raise RuntimeError(
+                f"{type(optimizer).__name__} has no offload_states: colocation needs learners.zero_stage >= 1 "
+                "(>= 2 with bfloat16)"
+            )
+        return None
+
+    def _resident(self, seconds: float) -> ResidentMemory:
+        moved = _state_bytes(self._zero_optimizer())
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # freed blocks back to the device, or the engine cannot have them
+            free, total = torch.cuda.mem_get_info()
+            return ResidentMemory(total - free, total, moved, seconds)
+        host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return ResidentMemory(rss_bytes(), host_total, moved, seconds)
+
     # ---------------------------------------------------------------------------------------- generation
 
     def generate(self, batches: list[Batch], max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
@@ -373,6 +436,18 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
     grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _state_bytes(optimizer: Any) -> int:
+    """Bytes of a ZeRO optimizer's fp32 partitions and Adam moments (0 without one)."""
+    import torch
+
+    if optimizer is None:
+        return 0
+    base = getattr(optimizer, "optimizer", optimizer)
+    tensors = [t for state in base.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += list(getattr(optimizer, "single_partition_of_fp32_groups", []))
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _strip_after_eos(ids: list[int], eos: int) -> list[int]:

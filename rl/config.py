@@ -213,4 +213,49 @@ class RLConfig(TrainingStage):
             "rollout.max_tokens": self.rollout.max_tokens,
         }
         check_fits(sampled, "rollout.max_model_len", self.rollout.max_model_len)
+        if self.rollout.colocate:
+            _check_colocation(self)
         return self
+
+
+def _check_colocation(cfg: RLConfig) -> None:
+    """What `rollout.colocate` needs: one engine per learner, generation and training never at the same
+    time, a DeepSpeed optimizer with `offload_states` on a GPU, and nothing else on the shared device."""
+    rollout, learners = cfg.rollout, cfg.learners
+    if rollout.num_engines != learners.num_learners:
+        raise ValueError(
+            f"rollout.colocate pairs learner rank i with engine i on device i: rollout.num_engines "
+            f"({rollout.num_engines}) must equal learners.num_learners ({learners.num_learners})"
+        )
+    if cfg.train.async_rollout:
+        raise ValueError(
+            "train.async_rollout generates while the learners train, but with rollout.colocate they share "
+            "the device and take turns: set train.async_rollout: false or rollout.colocate: false"
+        )
+    if rollout.gpu_memory_utilization is not None:
+        raise ValueError(
+            "rollout.gpu_memory_utilization is derived with rollout.colocate (the device's memory minus "
+            "what the learner keeps resident while the engine is awake): remove it"
+        )
+    if cfg.model.lora is not None and rollout.sleep_level == 2:
+        raise ValueError(
+            "rollout.sleep_level: 2 drops the engine's weights, but a LoRA sync sends the adapter only and "
+            "the base would be lost: use rollout.sleep_level: 1 with model.lora"
+        )
+    if cfg.algorithm.kl_coef > 0 and cfg.model.lora is None:
+        raise ValueError(
+            "rollout.colocate has no place for a separate reference model (algorithm.kl_coef > 0 without "
+            "model.lora): set algorithm.kl_coef: 0, or train model.lora (its reference is the base model)"
+        )
+    if cfg.device != "cpu":
+        needed = 2 if cfg.model.dtype == "bfloat16" else 1
+        if learners.zero_stage < needed:
+            raise ValueError(
+                f"rollout.colocate offloads the optimizer states with DeepSpeed's offload_states, which only "
+                f"ZeRO optimizers have: set learners.zero_stage >= {needed}"
+                + (
+                    " (with bfloat16, ZeRO-1 runs DeepSpeed's BF16_Optimizer, which has none)"
+                    if needed == 2
+                    else ""
+                )
+            )

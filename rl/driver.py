@@ -30,6 +30,7 @@ from posttrain.rl.advantages import group_advantages, keep_informative_groups
 from posttrain.rl.batch import Experience, Scored, collate, loss_positions, model_inputs, response_logprobs
 from posttrain.rl.config import RLConfig
 from posttrain.rl.objective import RLObjective
+from posttrain.rollout.colocate import Colocation, start_colocated
 from posttrain.rollout.episodes import (
     Episode,
     OnPolicyStage,
@@ -58,8 +59,15 @@ def run(cfg: RLConfig) -> Path:
             "%d prompts; %s", len(prompts), f"{len(eval_set.prompts)} eval prompts" if eval_set else "no eval"
         )
         run.start_ray(cpus_needed(cfg))
-        learners = run.learners(model_path, is_vl, cfg.optimizer_steps)
-        engines = run.own(start_policy_engines(cfg, cfg.rollout, model_path, is_vl, "rollout"))
+        colocation = None
+        if cfg.rollout.colocate:
+            colocation = start_colocated(
+                cfg, cfg.rollout, run, model_path, is_vl, cfg.optimizer_steps, "rollout"
+            )
+            learners, engines = colocation.learners, colocation.engines
+        else:
+            learners = run.learners(model_path, is_vl, cfg.optimizer_steps)
+            engines = run.own(start_policy_engines(cfg, cfg.rollout, model_path, is_vl, "rollout"))
         rewards = run.enter(RewardRuntime.from_config(cfg.rewards))
         reference = start_reference(cfg, run, model_path, is_vl, learners)
         sync = policy_sync(cfg, cfg.rollout, learners, engines, tok, run.out)
@@ -67,7 +75,7 @@ def run(cfg: RLConfig) -> Path:
         rollouts = Rollouts(
             engines, sync, prompts, cfg.rollout, cfg.train.seed, stop_ids, placeholder_ids(tok, is_vl)
         )
-        stage = RLStage(rollouts, eval_set, cfg, learners, rewards, reference, tok)
+        stage = RLStage(rollouts, eval_set, cfg, learners, rewards, reference, tok, colocation)
         run.train(learners, stage, cfg.train.max_steps)
         final = run.export(learners, processing)
     return run.finished(final)
@@ -110,11 +118,15 @@ class RLStage(OnPolicyStage):
     rewards: RewardRuntime
     reference: LogprobSource | None
     tokenizer: Any
+    colocation: Colocation | None = None  # learners and engines take turns on one device each
 
     def step(self, step: int) -> dict[str, float]:
-        """Rollouts → rewards → logprobs and advantages → updates → weight sync, each phase timed."""
+        """Rollouts → rewards → logprobs and advantages → updates → weight sync, each phase timed.
+        Colocated, the engines hand the device to the learners after the rollouts and get it back for
+        the sync (rollout/colocate.py)."""
         cfg, timings = self.cfg, Timings()
         scored, gen = self.collect_batch(timings)
+        turns = self.colocation.to_train() if self.colocation else {}
         if cfg.train.async_rollout and step + 1 < cfg.train.max_steps:
             self.rollouts.prefetch(cfg.train.prompts_per_step)  # overlaps the rest of this step
         with timings("reference"):
@@ -125,8 +137,9 @@ class RLStage(OnPolicyStage):
             with timings("generate_wait"):
                 self.rollouts.finish_prefetch()
         with timings("sync"):
-            sync = self.rollouts.push_weights()
-        record = {**gen, **stats, **sync, **batch_metrics(self, experience), **timings.metrics()}
+            push = self.rollouts.push_weights
+            sync = self.colocation.to_generate(push) if self.colocation else push()
+        record = {**gen, **stats, **sync, **turns, **batch_metrics(self, experience), **timings.metrics()}
         oldest = min(x.episode.weight_version for x in experience)
         record["rollout/staleness"] = float(self.rollouts.version - 1 - oldest)
         return record

@@ -48,3 +48,12 @@ class RolloutConfig(EngineSettings, SamplingConfig):
     1e-4 for float32, 0.05 for bfloat16)."""
     sync_timeout_s: float = Field(600, gt=0)
     """An engine not confirming a weight version within this fails the run (WeightSyncError)."""
+    colocate: bool = False
+    """Learner rank i and engine i share device i (one placement group, one bundle per pair): the engines
+    sleep while the learners train, the learners offload their optimizer states while the engines generate
+    (rollout/colocate.py). Needs `num_engines` == `learners.num_learners`; the engines' memory share is
+    derived from what the learners keep resident (`gpu_memory_utilization` must stay unset)."""
+    sleep_level: Literal[1, 2] = 1
+    """With `colocate`: vLLM's sleep level while the learners train. 1 keeps the weights in host memory
+    (required for LoRA: its sync sends the adapter only); 2 drops them, which is safe because every wake is
+    followed by a full weight sync proved by checksums and the probe."""

@@ -29,7 +29,7 @@ from posttrain.config import ConfigError
 from posttrain.rollout.config import SamplingConfig
 from posttrain.rollout.weight_sync import Probe, WeightSyncError
 from posttrain.weights import Bucket, SyncManifest, WireBucket, put_bucket, tensor_checksum, unpack_bucket
-from posttrain.workers import WorkerGroup, init_ray, split_evenly
+from posttrain.workers import COLOCATED_GPU_SHARE, SharedPlacement, WorkerGroup, init_ray, split_evenly
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,6 +55,8 @@ CPU_KV_BLOCK_TOKENS = 128  # vLLM 0.32's CPU block size: a sequence holds whole 
 CPU_KV_FLOOR_BYTES = 64 << 20
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SLEEP_TAGS = ("weights", "kv_cache")
+"""What vLLM's sleep releases, in the order a wake restores them."""
 
 
 class EngineStartError(ConfigError):
@@ -196,6 +198,7 @@ class GroupEngineOptions(TypedDict, total=False):
     enable_lora: bool
     max_lora_rank: int
     think_end_ids: list[int] | None
+    enable_sleep_mode: bool
     extra_llm_args: dict[str, Any] | None
 
 
@@ -217,6 +220,7 @@ class EngineInfo(TypedDict):
     think_end_ids: list[int]
     kv_cache_bytes: int | None
     max_num_seqs: int
+    asleep: list[str]
 
 
 class StartFailure(TypedDict):
@@ -272,6 +276,7 @@ class RolloutEngine:
         enable_lora: bool = False,
         max_lora_rank: int = 16,
         think_end_ids: list[int] | None = None,
+        enable_sleep_mode: bool = False,
         name: str = "rollout",
         extra_llm_args: dict[str, Any] | None = None,
     ) -> None:
@@ -320,6 +325,8 @@ class RolloutEngine:
             args["limit_mm_per_prompt"] = {"image": limit_images or 4, "video": 0}
         if enable_lora:
             args.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        if enable_sleep_mode and gpu:  # vLLM refuses it on CPU, where `sleep` keeps everything in place
+            args["enable_sleep_mode"] = True
         args.update(extra_llm_args or {})
         self.llm = LLM(**args)
         self.tokenizer = self.llm.get_tokenizer()
@@ -330,6 +337,7 @@ class RolloutEngine:
         self.dirty: str | None = None  # why the served weights are unknown (a failed sync), else None
         self._received: tuple[int, list[tuple[dict[str, float], int]]] | None = None  # deferred checks
         self.lora: LoRARequest | None = None  # LoRARequest of the current adapter version
+        self.asleep: set[str] = set()  # of SLEEP_TAGS: what `sleep` released and no wake restored yet
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------ info
@@ -344,6 +352,7 @@ class RolloutEngine:
             "think_end_ids": self.think_end_ids,
             "kv_cache_bytes": self.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes,
             "max_num_seqs": self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
+            "asleep": sorted(self.asleep),
         }
 
     # ------------------------------------------------------------------------------------ generation
@@ -355,6 +364,7 @@ class RolloutEngine:
             raise RuntimeError(f"engine {self.name} will not generate: {self.dirty}; sync weights again")
         if not requests:
             return []
+        self._awake()
         plain = [i for i, r in enumerate(requests) if r.thinking_budget is None]
         budgeted = [i for i, r in enumerate(requests) if r.thinking_budget is not None]
         results: list[RolloutResult | None] = [None] * len(requests)
@@ -388,6 +398,7 @@ class RolloutEngine:
         params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False, flat_logprobs=True
         )
+        self._awake()
         prompts: list[Any] = [{"prompt_token_ids": list(ids)} for ids in token_ids]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
@@ -469,6 +480,36 @@ class RolloutEngine:
             for s in res.samples:
                 s.text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
         return results
+
+    # ---------------------------------------------------------------------------------------- sleep
+
+    def sleep(self, level: int) -> float:
+        """Release the device for a colocated learner (vLLM sleep mode): the KV cache is dropped; level 1
+        moves the weights to host memory, level 2 drops them, so the engine then refuses to generate until
+        a weight sync succeeds. On the CPU vLLM's worker keeps everything in place (its sleep is a no-op)
+        while the scheduler pauses and resumes as on a GPU. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.llm.sleep(level=level)
+        self.asleep = set(SLEEP_TAGS)
+        if level == 2:
+            self.dirty = f"weights dropped by sleep level 2 (version {self.version} needs a sync)"
+        return time.perf_counter() - t0
+
+    def wake_up(self, tag: str) -> float:
+        """Restore one of SLEEP_TAGS: `weights` before a sync loads into them, `kv_cache` after, so the
+        sync's transient buffers never compete with the KV cache. Seconds it took (0 when awake)."""
+        if tag not in self.asleep:
+            return 0.0
+        t0 = time.perf_counter()
+        self.llm.wake_up(tags=[tag])
+        self.asleep.discard(tag)
+        return time.perf_counter() - t0
+
+    def _awake(self) -> None:
+        """Generation needs everything: what is still asleep wakes now (the probe of a sync, run right
+        after the weights loaded, is the usual first user of the KV cache)."""
+        for tag in SLEEP_TAGS:
+            self.wake_up(tag)
 
     # ---------------------------------------------------------------------------------- weight sync
 
@@ -768,10 +809,12 @@ class RolloutGroup:
         start_timeout_s: float = 600.0,
         sync_timeout_s: float = 600.0,
         ray_address: str | None = None,
+        placement: SharedPlacement | None = None,
         **engine_kwargs: Unpack[GroupEngineOptions],
     ) -> None:
         """`device`: "cpu" or "cuda" (resolved by the caller); `config_key` / `model_key`: the config keys a
-        start failure names (e.g. "teacher", "teacher.path")."""
+        start failure names (e.g. "teacher", "teacher.path"); `placement`: engine i shares bundle i (and
+        its GPU) with learner i."""
         init_ray(ray_address, num_cpus=int(num_engines * num_cpus + 0.999))
         tp = int(engine_kwargs.get("tensor_parallel_size", 1))
         t0 = time.perf_counter()
@@ -779,12 +822,13 @@ class RolloutGroup:
             EngineActor,
             num_engines,
             num_cpus=num_cpus,
-            num_gpus=tp,
+            num_gpus=COLOCATED_GPU_SHARE if placement else tp,
             name=name,
             init_args=(model_path, {**engine_kwargs, "name": name, "device": device}),
             env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {},
             device=device,
             config_key=config_key,
+            placement=placement,
         )
         self.infos = self._started(model_path, start_timeout_s, config_key, model_key)
         self.start_seconds = time.perf_counter() - t0
@@ -958,6 +1002,14 @@ class RolloutGroup:
 
     def info(self) -> list[EngineInfo]:
         return self.workers.call("info")
+
+    def sleep(self, level: int) -> float:
+        """Every engine sleeps (`RolloutEngine.sleep`); the slowest one's seconds."""
+        return max(self.workers.call("sleep", level))
+
+    def wake_up(self, tag: str) -> float:
+        """Every engine restores `tag` (`RolloutEngine.wake_up`); the slowest one's seconds."""
+        return max(self.workers.call("wake_up", tag))
 
     def shutdown(self) -> None:
         self.discard_stream_queues()

@@ -37,7 +37,7 @@ from posttrain.rollout.engine import (
 )
 from posttrain.rollout.evaluation import EvalSet
 from posttrain.rollout.weight_sync import PROBE_ATOL, WeightSync
-from posttrain.workers import resolve_device
+from posttrain.workers import SharedPlacement, resolve_device
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -164,11 +164,19 @@ def placeholder_ids(tokenizer: Any, is_vl: bool) -> set[int]:
 
 
 def start_policy_engines(
-    cfg: TrainingStage, rollout: RolloutConfig, model_path: str, is_vl: bool, name: str
+    cfg: TrainingStage,
+    rollout: RolloutConfig,
+    model_path: str,
+    is_vl: bool,
+    name: str,
+    placement: SharedPlacement | None = None,
+    memory_share: float | None = None,
 ) -> RolloutGroup:
     """The engines that serve the policy being trained (RL's, the on-policy student's): LoRA-enabled
-    with the smallest rank vLLM accepts when the learners train an adapter."""
+    with the smallest rank vLLM accepts when the learners train an adapter. Colocated (`placement`):
+    in the learners' bundles, with sleep mode and `memory_share` of each GPU (rollout/colocate.py)."""
     lora = cfg.model.lora
+    colocated = {"gpu_memory_utilization": memory_share, "enable_sleep_mode": True} if placement else {}
     return RolloutGroup(
         model_path,
         rollout.num_engines,
@@ -177,8 +185,9 @@ def start_policy_engines(
         name=name,
         sync_timeout_s=rollout.sync_timeout_s,
         ray_address=cfg.ray.address,
+        placement=placement,
         max_model_len=rollout.max_model_len,
-        **rollout.group_kwargs(),
+        **{**rollout.group_kwargs(), **colocated},
         dtype=cfg.model.dtype,
         seed=cfg.train.seed,
         enable_lora=lora is not None,
