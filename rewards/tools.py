@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from posttrain import plugins
+from posttrain.data.images import crop_region
 from posttrain.plugins import FORMS, PluginLoadError
 from posttrain.rewards.pool import CRASH, EXCEPTION, INVALID, TIMEOUT, Lost, WorkerPool
 
@@ -125,8 +126,6 @@ def crop_zoom(bbox_2d: list[int], image_index: int = 0, images: Sequence[Any] = 
         image_index: Which image of the conversation to crop, counting from 0 (the prompt's images, then
             those returned by tools).
     """
-    from posttrain.data.images import crop_region
-
     if not 0 <= image_index < len(images):
         raise IndexError(
             f"image_index {image_index} is out of range: the conversation has {len(images)} images"
