@@ -18,6 +18,7 @@ from posttrain.groups import LearnerGroup
 from posttrain.rewards.registry import Batch, LoadedReward, call_reward, load_reward
 from posttrain.rewards.runtime import check_values
 from posttrain.rewards.table import RewardLoadError
+from posttrain.rewards.tools import load_tools
 from posttrain.rollout.engine import RolloutGroup, RolloutRequest
 
 
@@ -62,6 +63,11 @@ class Verifier:
         return [v is not None and v >= 1.0 for v in checked.values]
 
 
+def tool_schemas(names: list[str]) -> list[dict[str, Any]]:
+    """The JSON schemas of the tool plugins `names`, as RL declares them to the chat template."""
+    return load_tools(names).schemas
+
+
 def default_verifier() -> Verifier:
     return Verifier.load("exact_match")
 
@@ -80,7 +86,9 @@ class EvalSet:
 
         verifier = Verifier.load(*dataset_verifier(spec))
         tok = tokenizer_of(processing)
-        prompts = build_eval_prompts(spec, processing, cfg.thinking, cfg.max_samples, needs=verifier.needs)
+        prompts = build_eval_prompts(
+            spec, processing, cfg.thinking, cfg.max_samples, needs=verifier.needs, tool_schemas=tool_schemas
+        )
         return cls(prompts, cfg, tok, tok.convert_tokens_to_ids("<|im_end|>"), pad_id(tok), verifier)
 
     def evaluate(self, learners: LearnerGroup) -> dict[str, float]:

@@ -20,7 +20,7 @@ from posttrain.data.chat import IGNORE_INDEX, Item, encode_all
 from posttrain.data.errors import DataError
 from posttrain.data.order import epoch_order
 from posttrain.data.processing import pad_id, tokenizer_of
-from posttrain.data.rows import MAX_REASONS, load_samples
+from posttrain.data.rows import MAX_REASONS, ToolSchemas, load_samples
 
 if TYPE_CHECKING:
     import numpy as np
@@ -174,11 +174,14 @@ class SFTData:
         return 1 - sum(lengths) / sum(max(c) * len(c) for c in chunks)
 
 
-def build_sft_dataset(data_cfg: DataConfig, processing: Any, is_vl: bool) -> SFTData:
-    """Validate every row of every training set, then encode, then pack text samples."""
+def build_sft_dataset(
+    data_cfg: DataConfig, processing: Any, is_vl: bool, tool_schemas: ToolSchemas | None = None
+) -> SFTData:
+    """Validate every row of every training set (declaring the tools each names, schemas by
+    `tool_schemas`), then encode, then pack text samples."""
     stats, samples = DataStats(), []
     for spec in data_cfg.train:
-        found, rows, reasons = load_samples(spec, data_cfg.bad_rows)
+        found, rows, reasons = load_samples(spec, data_cfg.bad_rows, tool_schemas=tool_schemas)
         samples += found
         stats.rows, stats.skipped = stats.rows + rows, stats.skipped + len(reasons)
         stats.skip_reasons += reasons[: MAX_REASONS - len(stats.skip_reasons)]

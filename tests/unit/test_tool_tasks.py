@@ -12,6 +12,7 @@ from posttrain.config import DatasetSpec
 from posttrain.data.cards import dataset_tools, dataset_verifier
 from posttrain.data.images import crop_region
 from posttrain.data.rows import load_samples
+from posttrain.rollout.evaluation import tool_schemas
 from posttrain.synthetic.tool_tasks import (
     DIGIT_SIZE,
     ZOOM_IMAGE,
@@ -117,7 +118,8 @@ def test_builders_write_loadable_splits_that_name_their_tool(
     assert len(list((tmp_path / builder).glob("*.parquet"))) == splits
     assert dataset_tools(spec) == [tool] and dataset_tools(spec.model_copy(update={"tools": []})) == []
     assert dataset_verifier(spec)[0] == "exact_match"
-    samples = load_samples(spec.model_copy(update={"thinking": "thinking"}))[0]  # every trace reasons
-    assert len(samples) == 4
-    prompts = load_samples(spec.model_copy(update={"split": "train"}), for_eval=True)[0]
-    assert [len(s.messages) for s in prompts] == [1] * 4
+    traces = spec.model_copy(update={"thinking": "thinking"})  # every trace reasons
+    samples = load_samples(traces, tool_schemas=tool_schemas)[0]
+    assert [s.tools for s in samples] == [tool_schemas([tool])] * 4
+    prompts = load_samples(spec.model_copy(update={"split": "train", "tools": []}), for_eval=True)[0]
+    assert [(len(s.messages), s.tools) for s in prompts] == [(1, None)] * 4  # the no-tool baseline
