@@ -227,7 +227,7 @@ def vl_zoom_splits(args: ToolTaskArgs) -> dict[str, list[Row]]:
 
 # ---------------------------------------------------------------------------------------------- writing
 
-TOOL_TASKS: dict[str, tuple[Any, str]] = {
+TOOL_TASKS: dict[str, tuple[Callable[[Any], dict[str, list[Row]]], str]] = {
     "arithmetic_tools": (arithmetic_tools_splits, "calculator"),
     "vl_zoom": (vl_zoom_splits, "crop_zoom"),
 }
