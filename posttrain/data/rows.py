@@ -299,8 +299,8 @@ def load_samples(
 ) -> tuple[list[Sample], int, list[str]]:
     """Validate every row of `spec`, with the columns of `needs`: (samples, rows read, reasons of skipped
     rows). Rows without a `tools` column declare the tools `spec` names, their schemas by `tool_schemas`."""
-    tools = declared_tools(spec, tool_schemas)
     split = load_split(spec)
+    tools = declared_tools(spec, tool_schemas)  # after the load, which builds a missing task and its card
     fmt = detect_format(split.columns, spec, split.origin, for_eval, needs)
     samples, reasons = [], []
     for i, row in enumerate(split.rows):
