@@ -109,17 +109,14 @@ def test_tool_call_correct_checks_name_and_arguments() -> None:
 def test_builders_write_loadable_splits_that_name_their_tool(
     tmp_path: Path, builder: str, splits: int, tool: str
 ) -> None:
-    from posttrain.inputs import ensure_dataset
-
     args = {"train_size": 4, "test_size": 2, "sft_size": 4}
     build = {"builder": builder, "args": args}
-    spec = DatasetSpec.model_validate({"path": str(tmp_path / builder), "split": "sft", "build": build})
-    ensure_dataset(spec)
+    where = {"path": str(tmp_path / builder), "split": "sft", "thinking": "thinking"}  # every trace reasons
+    spec = DatasetSpec.model_validate(where | {"build": build})
+    samples = load_samples(spec, tool_schemas=tool_schemas)[0]  # built on first use, card and all
+    assert [s.tools for s in samples] == [tool_schemas([tool])] * 4
     assert len(list((tmp_path / builder).glob("*.parquet"))) == splits
     assert dataset_tools(spec) == [tool] and dataset_tools(spec.model_copy(update={"tools": []})) == []
     assert dataset_verifier(spec)[0] == "exact_match"
-    traces = spec.model_copy(update={"thinking": "thinking"})  # every trace reasons
-    samples = load_samples(traces, tool_schemas=tool_schemas)[0]
-    assert [s.tools for s in samples] == [tool_schemas([tool])] * 4
     prompts = load_samples(spec.model_copy(update={"split": "train", "tools": []}), for_eval=True)[0]
     assert [(len(s.messages), s.tools) for s in prompts] == [(1, None)] * 4  # the no-tool baseline
