@@ -812,15 +812,23 @@ class RolloutGroup:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def generate(self, requests: Sequence[RolloutRequest]) -> list[RolloutResult]:
+    def generate(
+        self, requests: Sequence[RolloutRequest], tools: ToolsConfig | None = None
+    ) -> list[RolloutResult]:
         """Results in request order; requests split over the engines in contiguous, even chunks."""
-        return self.collect(self.submit(requests))
+        return self.collect(self.submit(requests, tools))
 
-    def submit(self, requests: Sequence[RolloutRequest]) -> list[ObjectRef[list[RolloutResult]]]:
-        """Start generation and return at once (ObjectRefs, one per engine) so the caller can overlap
-        other work, e.g. scoring the previous batch; `collect` waits for them."""
+    def submit(
+        self, requests: Sequence[RolloutRequest], tools: ToolsConfig | None = None
+    ) -> list[ObjectRef[list[RolloutResult]]]:
+        """Start generation (multi-turn tool episodes with `tools`) and return at once (ObjectRefs, one per
+        engine) so the caller can overlap other work, e.g. scoring the previous batch; `collect` waits."""
         reqs = list(requests)
         chunks = split_evenly(reqs, len(self.workers), [r.n * r.max_tokens for r in reqs])
+        if tools is not None:
+            return [
+                a.generate_episodes.remote(c, tools) for a, c in zip(self.workers.actors, chunks, strict=True)
+            ]
         return [a.generate.remote(c) for a, c in zip(self.workers.actors, chunks, strict=True)]
 
     def collect(self, refs: Sequence[ObjectRef[list[RolloutResult]]]) -> list[RolloutResult]:

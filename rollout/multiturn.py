@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from posttrain.rewards.tools import ToolAnswer, ToolCall, ToolRuntime
+from posttrain.rewards.tools import TOOL_FAILURES, ToolAnswer, ToolCall, ToolRuntime
 from posttrain.rollout.config import ToolsConfig
 from posttrain.rollout.samples import RolloutRequest, RolloutResult, RolloutSample
 from posttrain.rollout.tool_turns import CallRecord, cap_answer, parse_tool_calls, tool_turn_ids
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
     from vllm.outputs import CompletionOutput
 
+TRUNCATIONS = ("length", "turns", "tokens", "images")
+"""The limits that can end an episode (`RolloutSample.truncation`)."""
 WAIT_S = 0.05
 """How long an idle engine waits for a tool answer before looking again."""
 
@@ -193,3 +195,32 @@ def _done(answer: ToolAnswer) -> Future[ToolAnswer]:
     future: Future[ToolAnswer] = Future()
     future.set_result(answer)
     return future
+
+
+def episode_metrics(
+    samples: list[RolloutSample], modes: list[str], prefix: str = "tools"
+) -> dict[str, float]:
+    """Per episode means of turns, tool calls and tokens from the model (sampled) and from tools (forced),
+    seconds per call, failure counts by class and truncation by limit; overall and `_<mode>` (the chat
+    mode of each sample's prompt, aligned with `samples`)."""
+    out: dict[str, float] = {}
+    for mode in [None, *sorted(set(modes))]:
+        group = [s for s, m in zip(samples, modes, strict=True) if mode is None or m == mode]
+        calls = [c for s in group for c in s.tool_calls]
+        suffix = "" if mode is None else f"_{mode}"
+        n = max(1, len(group))
+        out |= {
+            f"{prefix}/turns{suffix}": sum(len(s.turn_starts) for s in group) / n,
+            f"{prefix}/calls{suffix}": len(calls) / n,
+            f"{prefix}/seconds{suffix}": sum(c.seconds for c in calls) / max(1, len(calls)),
+            f"{prefix}/model_tokens{suffix}": sum(len(s.token_ids) - len(s.forced) for s in group) / n,
+            f"{prefix}/tool_tokens{suffix}": sum(len(s.forced) for s in group) / n,
+        }
+        out |= {
+            f"{prefix}/failures/{k}{suffix}": float(sum(c.failure == k for c in calls)) for k in TOOL_FAILURES
+        }
+    for limit in TRUNCATIONS:
+        out[f"{prefix}/truncated/{limit}"] = sum(s.truncation == limit for s in samples) / max(
+            1, len(samples)
+        )
+    return out

@@ -4,7 +4,7 @@ Plain dataclasses, so they cross Ray and checkpoints as they are."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from posttrain.rollout.tool_turns import CallRecord
 
@@ -55,3 +55,28 @@ class RolloutResult:
     prompt_logprobs: list[float | None] | None = None  # first is None (no context)
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
     weight_version: int = 0
+
+
+def encode_images(sample: dict[str, Any]) -> dict[str, Any]:
+    """A sample's `asdict` made JSON-safe: its tool-returned images as base64 PNG (lossless)."""
+    import base64
+    import io
+
+    def png(image: Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    return {**sample, "images": [png(im) for im in sample.get("images", [])]}
+
+
+def decode_images(sample: dict[str, Any]) -> RolloutSample:
+    """The RolloutSample of an `encode_images` dict."""
+    import base64
+    import io
+
+    from PIL import Image as PILImage
+
+    images = [PILImage.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in sample.get("images", [])]
+    calls = [CallRecord(**c) for c in sample.get("tool_calls", [])]
+    return RolloutSample(**{**sample, "images": images, "tool_calls": calls})

@@ -63,13 +63,21 @@ def chat_messages(sample: Sample, is_vl: bool) -> list[dict[str, Any]]:
     return out
 
 
-def render(sample: Sample, processing: Any, is_vl: bool, add_generation_prompt: bool = False) -> str:
-    """The chat as text; `enable_thinking` follows the sample's mode (it shapes the generation prompt)."""
+def render(
+    sample: Sample,
+    processing: Any,
+    is_vl: bool,
+    add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The chat as text; `enable_thinking` follows the sample's mode (it shapes the generation prompt);
+    `tools`: JSON schemas the template declares (`posttrain.rewards.tools`), None for none."""
     return processing.apply_chat_template(
         chat_messages(sample, is_vl),
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         enable_thinking=sample.mode == "thinking",
+        tools=tools,
     )
 
 

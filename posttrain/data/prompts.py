@@ -34,9 +34,10 @@ def build_eval_prompts(
     thinking: bool | None = None,
     max_samples: int | None = None,
     needs: Needs = EVAL_NEEDS,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[EvalPrompt]:
     """Generation prompts of the first `max_samples` rows; `thinking` None keeps the dataset's own choice.
-    Also the RL prompt set, whose `needs` are its rewards'."""
+    Also the RL prompt set, whose `needs` are its rewards'; `tools`: schemas the prompts declare."""
     is_vl = hasattr(processing, "image_processor")
     if max_samples is not None:
         spec = spec.model_copy(update={"max_rows": min(max_samples, spec.max_rows or max_samples)})
@@ -45,7 +46,7 @@ def build_eval_prompts(
     for s in samples:
         if thinking is not None:
             s.mode = "thinking" if thinking else "non_thinking"
-        text = render(s, processing, is_vl, add_generation_prompt=True)
+        text = render(s, processing, is_vl, add_generation_prompt=True, tools=tools)
         vision = None
         if is_vl:
             out = processing(text=[text], images=s.images or None, return_tensors="pt")

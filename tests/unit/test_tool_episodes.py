@@ -1,0 +1,98 @@
+"""Tool episodes on the learner side: tool-returned images expanded as the processor expands a prompt's,
+their pixels in the batch in pad order, metrics, and pending episodes through a checkpoint."""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from posttrain.rollout.multiturn import episode_metrics
+from posttrain.rollout.samples import RolloutSample, decode_images, encode_images
+from posttrain.rollout.tool_turns import CallRecord
+
+
+def _image(color: str):
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), color)
+
+
+def test_tool_images_expand_like_the_processor(tiny_vl_model: Path) -> None:
+    from transformers import AutoProcessor
+
+    from posttrain.data.prompts import EvalPrompt
+    from posttrain.rl.batch import model_inputs
+    from posttrain.rollout.episodes import Episode, Prompt, with_tool_images
+
+    proc = AutoProcessor.from_pretrained(tiny_vl_model)
+    tok = proc.tokenizer
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "look"}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = proc(text=[text], images=[_image("red")], return_tensors="pt")
+    source = EvalPrompt(
+        inputs["input_ids"][0].tolist(), text, "", "non_thinking", 0, [_image("red")], dict(inputs)
+    )
+    sampled = tok.encode("<tool_call>\n{}\n</tool_call><|im_end|>", add_special_tokens=False)
+    turn = tok.encode(
+        "\n<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n",
+        add_special_tokens=False,
+    )
+    final = tok.encode("red<|im_end|>", add_special_tokens=False)
+    ids = sampled + turn + final
+    forced = list(range(len(sampled), len(sampled) + len(turn)))
+    logprobs = [-0.5 if j not in forced else 0.0 for j in range(len(ids))]
+    sample = RolloutSample(
+        ids,
+        "red",
+        logprobs,
+        "stop",
+        forced=forced,
+        turn_starts=[0, len(sampled) + len(turn)],
+        images=[_image("blue")],
+    )
+    e = with_tool_images(Episode(Prompt(source, tok.encode(text, add_special_tokens=False)), sample, 0), proc)
+    # the whole episode as the processor would render it with both images
+    whole = proc(text=[text + tok.decode(ids)], images=[_image("red"), _image("blue")], return_tensors="pt")
+    assert e.ids == whole["input_ids"][0].tolist()
+    assert e.final_response == final
+    assert len(e.sample.logprobs) == len(e.response) and sum(e.sample.logprobs) == -0.5 * (
+        len(sampled) + len(final)
+    )
+    batch = model_inputs([e], tok.pad_token_id)
+    assert batch["mm_token_type_ids"][0].tolist() == whole["mm_token_type_ids"][0].tolist()
+    assert (batch["pixel_values"] == whole["pixel_values"]).all()
+    assert (batch["image_grid_thw"] == whole["image_grid_thw"]).all()
+
+
+def test_pending_episodes_with_images_survive_a_checkpoint() -> None:
+    import json
+
+    sample = RolloutSample(
+        [1, 2],
+        "x",
+        [0.0, -1.0],
+        "stop",
+        tool_calls=[CallRecord("crop_zoom", None, 0.1)],
+        images=[_image("red")],
+    )
+    back = decode_images(json.loads(json.dumps(encode_images(asdict(sample)))))
+    assert back.tool_calls == sample.tool_calls and back.token_ids == sample.token_ids
+    assert back.images[0].tobytes() == sample.images[0].tobytes()
+
+
+def test_episode_metrics_per_mode() -> None:
+    calls = [
+        CallRecord("calculator", None, 0.2),
+        CallRecord("hang", "timeout", 1.0),
+        CallRecord("", "malformed"),
+    ]
+    a = RolloutSample(
+        [1] * 10, "", [0.0] * 10, "stop", forced=[3, 4, 5], turn_starts=[0, 6], tool_calls=calls
+    )
+    b = RolloutSample([1] * 4, "", [0.0] * 4, "length", turn_starts=[0], truncation="turns")
+    m = episode_metrics([a, b], ["thinking", "non_thinking"])
+    assert m["tools/turns"] == 1.5 and m["tools/calls"] == 1.5 and m["tools/calls_thinking"] == 3.0
+    assert m["tools/model_tokens"] == (7 + 4) / 2 and m["tools/tool_tokens"] == 1.5
+    assert m["tools/failures/timeout"] == 1.0 and m["tools/failures/malformed_thinking"] == 1.0
+    assert m["tools/seconds"] == pytest.approx(1.2 / 3) and m["tools/truncated/turns"] == 0.5
