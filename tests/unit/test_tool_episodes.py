@@ -96,3 +96,23 @@ def test_episode_metrics_per_mode() -> None:
     assert m["tools/model_tokens"] == (7 + 4) / 2 and m["tools/tool_tokens"] == 1.5
     assert m["tools/failures/timeout"] == 1.0 and m["tools/failures/malformed_thinking"] == 1.0
     assert m["tools/seconds"] == pytest.approx(1.2 / 3) and m["tools/truncated/turns"] == 0.5
+
+
+def test_rl_config_takes_a_tools_section_and_the_report_plots_it() -> None:
+    from posttrain.config import ConfigError, load_config
+    from posttrain.pipeline.report import PANELS, series
+
+    rl = Path(__file__).resolve().parents[2] / "configs/tiny/rl.yaml"
+    tools = "tools={names: [calculator], max_episode_tokens: 300}"
+    cfg = load_config("rl", rl, [tools, "rollout.max_model_len=1024"])
+    assert cfg.tools is not None and cfg.tools.names == ["calculator"] and cfg.response_limit == 300
+    with pytest.raises(ConfigError, match="tools.max_episode_tokens"):
+        load_config("rl", rl, [tools, "rollout.max_model_len=300"])
+    with pytest.raises(ConfigError, match="max_turns"):
+        load_config("rl", rl, ["tools={names: [calculator], max_turns: 0}"])
+    records = [{"step": 1, "tools/failures/timeout": 2.0, "tools/calls": 1.5, "tools/calls_thinking": 2.0}]
+    assert set(series(records, PANELS["tool failures per step"])) == {"tools/failures/timeout"}
+    assert set(series(records, PANELS["tool calls and turns per episode"])) == {
+        "tools/calls",
+        "tools/calls_thinking",
+    }
