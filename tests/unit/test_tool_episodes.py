@@ -116,3 +116,111 @@ def test_rl_config_takes_a_tools_section_and_the_report_plots_it() -> None:
         "tools/calls",
         "tools/calls_thinking",
     }
+
+
+# --------------------------------------------------------------------------- the episode loop, engine faked
+
+
+class FakeLLM:
+    """vLLM's surface the episode loop uses; each request's turn is `script(prompt ids)`, one token of
+    logprob -0.5 per position, finished at the next step (one request per step, as a busy engine would)."""
+
+    def __init__(self, tok, script) -> None:
+        from types import SimpleNamespace
+
+        self.tok, self.script, self.queue = tok, script, []
+        self.llm_engine = SimpleNamespace(add_request=self._add, step=self._step)
+        self.prompts: list[list[int]] = []
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def _preprocess_cmpl_one(self, prompt):
+        return prompt
+
+    def _add(self, request_id, engine_input, params, lora_request=None) -> None:
+        self.prompts.append(engine_input["prompt_token_ids"])
+        ids = self.script(engine_input["prompt_token_ids"])[: params.max_tokens]
+        self.queue.append((request_id, ids))
+
+    def _step(self):
+        from types import SimpleNamespace
+
+        if not self.queue:
+            return []
+        request_id, ids = self.queue.pop(0)
+        logprobs = [{t: SimpleNamespace(logprob=-0.5)} for t in ids]
+        completion = SimpleNamespace(token_ids=ids, logprobs=logprobs)
+        return [SimpleNamespace(finished=True, request_id=request_id, outputs=[completion])]
+
+
+class FakeTools:
+    def call(self, call, images=()):
+        from concurrent.futures import Future
+
+        from posttrain.rewards.tools import ToolAnswer
+
+        future: Future = Future()
+        future.set_result(ToolAnswer((f"ran {call.name}",), None, 0.01))
+        return future
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from posttrain.synthetic.models import build_tokenizer
+
+    return build_tokenizer(0, tools=True)
+
+
+def _loop(tok, script, **limits):
+    from posttrain.rollout.config import ToolsConfig
+    from posttrain.rollout.multiturn import EpisodeLoop
+
+    llm = FakeLLM(tok, script)
+    cfg = ToolsConfig(names=["calculator"], **limits)
+    return llm, EpisodeLoop(llm, FakeTools(), cfg, max_images=0)  # type: ignore[arg-type]
+
+
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1"}}\n</tool_call><|im_end|>'
+
+
+def test_loop_appends_tool_turns_and_stops_at_an_answer(tok) -> None:
+    from posttrain.rollout.samples import RolloutRequest
+
+    answer_after = tok.encode("ran calculator", add_special_tokens=False)
+
+    def script(ids: list[int]) -> list[int]:  # the final answer once the tool answered
+        return tok.encode("42<|im_end|>" if answer_after[0] in ids[-20:] else CALL, add_special_tokens=False)
+
+    llm, loop = _loop(tok, script)
+    prompt = tok.encode("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    (result,) = loop.run([RolloutRequest(prompt, n=2, max_tokens=64, thinking=True)], version=3)
+    s = result.samples[0]
+    assert result.weight_version == 3 and len(result.samples) == 2
+    assert tok.decode(s.token_ids) == CALL + (
+        "\n<|im_start|>user\n<tool_response>\nran calculator\n</tool_response><|im_end|>\n<|im_start|>assistant\n42<|im_end|>"
+    )
+    assert s.finish_reason == "stop" and s.truncation is None and s.text == "42"
+    assert len(s.turn_starts) == 2 and s.forced == list(range(s.forced[0], s.turn_starts[1]))
+    assert [lp for j, lp in enumerate(s.logprobs) if j not in set(s.forced)] == [-0.5] * (
+        len(s.token_ids) - len(s.forced)
+    )
+    assert llm.prompts[2] == prompt + s.token_ids[: s.turn_starts[1]]  # the second turn sees the first
+    assert [c.name for c in s.tool_calls] == ["calculator"] and s.tool_calls[0].seconds == 0.01
+
+
+@pytest.mark.parametrize(
+    ("limits", "max_tokens", "truncation"),
+    [({"max_turns": 2}, 64, "turns"), ({"max_episode_tokens": 60}, 64, "tokens"), ({}, 5, "length")],
+)
+def test_loop_marks_each_limit(tok, limits, max_tokens, truncation) -> None:
+    from posttrain.rollout.samples import RolloutRequest
+
+    _, loop = _loop(tok, lambda ids: tok.encode(CALL, add_special_tokens=False), **limits)
+    prompt = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    (result,) = loop.run([RolloutRequest(prompt, max_tokens=max_tokens)], version=0)
+    s = result.samples[0]
+    assert (s.finish_reason, s.truncation) == ("length", truncation)
+    assert len(s.token_ids) <= limits.get("max_episode_tokens", 1024)
+    if truncation == "turns":
+        assert len(s.turn_starts) == 2 and len(s.tool_calls) == 1
