@@ -66,8 +66,8 @@ def chat_messages(sample: Sample, is_vl: bool) -> list[dict[str, Any]]:
 
 
 def render(sample: Sample, processing: Any, is_vl: bool, add_generation_prompt: bool = False) -> str:
-    """The chat as text, declaring the sample's tools; `enable_thinking` follows the sample's mode (it
-    shapes the generation prompt)."""
+    """The chat as text, declaring the sample's tools (JSON schemas, `posttrain.rewards.tools`);
+    `enable_thinking` follows the sample's mode (it shapes the generation prompt)."""
     return processing.apply_chat_template(
         chat_messages(sample, is_vl),
         tools=sample.tools,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain.config import DatasetSpec
 from posttrain.data.chat import render
 from posttrain.data.processing import tokenizer_of
-from posttrain.data.rows import EVAL_NEEDS, Mode, Needs, ToolSchemas, load_samples
+from posttrain.data.rows import EVAL_NEEDS, Mode, Needs, load_samples
 
 if TYPE_CHECKING:
     import torch
@@ -34,15 +34,15 @@ def build_eval_prompts(
     thinking: bool | None = None,
     max_samples: int | None = None,
     needs: Needs = EVAL_NEEDS,
-    tool_schemas: ToolSchemas | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[EvalPrompt]:
     """Generation prompts of the first `max_samples` rows; `thinking` None keeps the dataset's own choice.
-    Also the RL prompt set, whose `needs` are its rewards'. The tools the dataset names are declared
-    (schemas by `tool_schemas`)."""
+    Also the RL prompt set, whose `needs` are its rewards'; `tools`: the schemas that rows without a
+    `tools` column declare."""
     is_vl = hasattr(processing, "image_processor")
     if max_samples is not None:
         spec = spec.model_copy(update={"max_rows": min(max_samples, spec.max_rows or max_samples)})
-    samples, _, _ = load_samples(spec, for_eval=True, needs=needs, tool_schemas=tool_schemas)
+    samples, _, _ = load_samples(spec, for_eval=True, needs=needs, tools=tools)
     prompts = []
     for s in samples:
         if thinking is not None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
 from posttrain.config import DatasetSpec
-from posttrain.data.cards import dataset_tools
 from posttrain.data.errors import DataError, RowError
 from posttrain.data.files import load_split
 from posttrain.data.images import row_images
@@ -36,8 +35,6 @@ Needs = Mapping[str, str]
 """Columns every row must have a value in → who needs each, as errors name it ("reward 'exact_match'")."""
 NO_NEEDS: Needs = MappingProxyType({})
 EVAL_NEEDS: Needs = MappingProxyType({"solution": "the evaluation (exact match with the answer)"})
-ToolSchemas = Callable[[list[str]], list[dict[str, Any]]]
-"""Tool plugin names → their JSON schemas: the stage's tool loader (data loads no plugins)."""
 
 
 @dataclass
@@ -276,31 +273,16 @@ def normalise_row(
     return Sample(messages, images, mode, origin, index, extra, _row_tools(row, tools))
 
 
-def declared_tools(spec: DatasetSpec, tool_schemas: ToolSchemas | None) -> list[dict[str, Any]] | None:
-    """The schemas of the tools `spec` declares to rows without a `tools` column (its `tools`, else its
-    task card's), made by the stage's `tool_schemas`."""
-    names = dataset_tools(spec)
-    if not names:
-        return None
-    if tool_schemas is None:
-        raise DataError(
-            f"dataset {spec.path} declares the tools {', '.join(names)} (its `tools` or task.json), which this "
-            "stage does not offer; set the dataset's `tools: []` to use its rows without tools"
-        )
-    return tool_schemas(names)
-
-
 def load_samples(
     spec: DatasetSpec,
     bad_rows: str = "error",
     for_eval: bool = False,
     needs: Needs = NO_NEEDS,
-    tool_schemas: ToolSchemas | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[Sample], int, list[str]]:
     """Validate every row of `spec`, with the columns of `needs`: (samples, rows read, reasons of skipped
-    rows). Rows without a `tools` column declare the tools `spec` names, their schemas by `tool_schemas`."""
+    rows). `tools`: the schemas that rows without a `tools` column declare."""
     split = load_split(spec)
-    tools = declared_tools(spec, tool_schemas)  # after the load, which builds a missing task and its card
     fmt = detect_format(split.columns, spec, split.origin, for_eval, needs)
     samples, reasons = [], []
     for i, row in enumerate(split.rows):

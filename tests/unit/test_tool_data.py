@@ -133,20 +133,12 @@ def test_loss_mask_covers_calls_and_answers_never_tool_turns(tmp_path: Path, tok
     assert reference["assistant_masks"][:n] == (item.labels != IGNORE_INDEX).tolist()
 
 
-def test_tools_a_dataset_names_apply_to_rows_without_a_tools_column(tmp_path: Path) -> None:
+def test_stage_tools_apply_to_rows_without_a_tools_column(tmp_path: Path) -> None:
     rows = [tool_row(), {k: v for k, v in tool_row().items() if k != "tools"}]
     spec = write_rows(tmp_path / "train.jsonl", rows)
-    asked: list[list[str]] = []
-
-    def schemas(names: list[str]) -> list[dict[str, Any]]:
-        asked.append(names)
-        return [CALCULATOR]
-
-    declared, bare = load_samples(spec.model_copy(update={"tools": ["calculator"]}), tool_schemas=schemas)[0]
-    assert (declared.tools, bare.tools, asked) == ([CALCULATOR, CROP_ZOOM], [CALCULATOR], [["calculator"]])
+    declared, bare = load_samples(spec, tools=[CALCULATOR])[0]
+    assert (declared.tools, bare.tools) == ([CALCULATOR, CROP_ZOOM], [CALCULATOR])
     assert load_samples(spec)[0][1].tools is None
-    with pytest.raises(DataError, match=r"declares the tools calculator .* set the dataset's `tools: \[\]`"):
-        load_samples(spec.model_copy(update={"tools": ["calculator"]}))  # a stage that offers no tools
 
 
 def test_tool_images_follow_user_images_with_pixels_for_each(tmp_path: Path, proc: Any) -> None:

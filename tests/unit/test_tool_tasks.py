@@ -12,7 +12,7 @@ from posttrain.config import DatasetSpec
 from posttrain.data.cards import dataset_tools, dataset_verifier
 from posttrain.data.images import crop_region
 from posttrain.data.rows import load_samples
-from posttrain.rollout.evaluation import tool_schemas
+from posttrain.rollout.evaluation import declared_schemas
 from posttrain.synthetic.tool_tasks import (
     DIGIT_SIZE,
     ZOOM_IMAGE,
@@ -109,14 +109,20 @@ def test_tool_call_correct_checks_name_and_arguments() -> None:
 def test_builders_write_loadable_splits_that_name_their_tool(
     tmp_path: Path, builder: str, splits: int, tool: str
 ) -> None:
+    from posttrain.inputs import ensure_dataset
+    from posttrain.rewards.tools import load_tools
+
     args = {"train_size": 4, "test_size": 2, "sft_size": 4}
     build = {"builder": builder, "args": args}
     where = {"path": str(tmp_path / builder), "split": "sft", "thinking": "thinking"}  # every trace reasons
     spec = DatasetSpec.model_validate(where | {"build": build})
-    samples = load_samples(spec, tool_schemas=tool_schemas)[0]  # built on first use, card and all
-    assert [s.tools for s in samples] == [tool_schemas([tool])] * 4
+    ensure_dataset(spec)
     assert len(list((tmp_path / builder).glob("*.parquet"))) == splits
     assert dataset_tools(spec) == [tool] and dataset_tools(spec.model_copy(update={"tools": []})) == []
+    assert declared_schemas(spec) == load_tools([tool]).schemas
+    assert declared_schemas(spec.model_copy(update={"tools": []})) is None
     assert dataset_verifier(spec)[0] == "exact_match"
-    prompts = load_samples(spec.model_copy(update={"split": "train", "tools": []}), for_eval=True)[0]
+    samples = load_samples(spec, tools=declared_schemas(spec))[0]
+    assert [s.tools for s in samples] == [load_tools([tool]).schemas] * 4
+    prompts = load_samples(spec.model_copy(update={"split": "train"}), for_eval=True)[0]
     assert [(len(s.messages), s.tools) for s in prompts] == [(1, None)] * 4  # the no-tool baseline
