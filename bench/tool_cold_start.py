@@ -23,7 +23,7 @@ from posttrain.data.processing import load_processing, tokenizer_of
 from posttrain.data.rows import Sample, load_samples
 from posttrain.rewards.builtin import exact_match
 from posttrain.rewards.tools import ToolSet, load_tools
-from posttrain.rollout.evaluation import tool_schemas
+from posttrain.rollout.evaluation import declared_schemas
 from posttrain.synthetic.tool_tasks import first_tool_call, tool_call_correct
 
 THINK_CLOSE = "</think>"
@@ -136,7 +136,7 @@ def main() -> None:
     results = {}
     for split in args.splits:
         spec = DatasetSpec(path=args.dataset, split=split, thinking="thinking", max_rows=args.max_samples)
-        samples = load_samples(spec, for_eval=True, tool_schemas=tool_schemas)[0]
+        samples = load_samples(spec, for_eval=True, tools=declared_schemas(spec))[0]
         names = [t["function"]["name"] for t in samples[0].tools or []]
         for mode, toolset in (("tools", load_tools(names)), ("no tools", None)):
             began = time.perf_counter()
