@@ -149,9 +149,9 @@ class DatasetSpec(Strict):
     answer it gives 1.0 is correct). Default: the dataset's own, from its folder's `task.json` or its
     builder, else `exact_match` with `solution`."""
     tools: list[str] | None = None
-    """Tool plugins (named as RL names its tools) whose schemas the chat template declares to rows
+    """SFT: tool plugins (named as RL names its tools) whose schemas the chat template declares to rows
     without a `tools` column. Default: those of the folder's `task.json`, else none; `[]` declares none
-    (the no-tool baseline on a tool task's prompts)."""
+    (the no-tool baseline on a tool task's prompts). RL declares the tools of its `tools:` section."""
 
 
 class DataConfig(Strict):

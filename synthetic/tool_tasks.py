@@ -13,9 +13,9 @@ task's format (`exact_match` with `solution` after the thinking). Short addition
 with their working, so a cold-started model keeps them. Every assistant turn carries reasoning (thinking
 mode), so no turn needs the empty think block as its prompt.
 
-Rows carry no `tools` column: the card names the tools (`task.json` `tools`), and the stages render the
-schemas of those tool plugins, the same as RL declares them. The same prompts without tools (a dataset
-spec's `tools: []`) are the no-tool baseline. `tool_call_correct` scores whether a completion's first tool
+Rows carry no `tools` column: the card names the tool (`task.json` `tools`), whose schema SFT declares
+as RL does (RL offers the tools of its `tools:` section: name the same one). The same prompts without
+tools (RL without `tools:`; a dataset spec's `tools: []` in SFT) are the no-tool baseline. `tool_call_correct` scores whether a completion's first tool
 call is the one the traces teach, for measuring a cold start.
 """
 

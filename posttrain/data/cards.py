@@ -29,8 +29,8 @@ class TaskCard(Strict):
     build: dict[str, Any] | None = None
     """The `build` entry (`{builder, args}`) that makes this folder again, when a builder wrote it."""
     tools: list[str] | None = None
-    """Tool plugins the task's prompts are answered with (named as RL names tools); their schemas are
-    declared to rows without a `tools` column, unless a dataset spec's `tools` says otherwise."""
+    """Tool plugins the task's prompts are answered with (named as RL names tools); SFT declares their
+    schemas to rows without a `tools` column, unless a dataset spec's `tools` says otherwise."""
 
 
 def write_card(folder: Path, card: TaskCard) -> None:
