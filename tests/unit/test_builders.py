@@ -64,7 +64,7 @@ def test_builder_arguments_are_typed_and_normalised() -> None:
     cfg = validate(
         "sft", sft(model={"path": "m", "build": {"builder": "tiny_model", "args": {"kind": "vl"}}})
     )
-    assert cfg.model.build.args == {"kind": "vl", "size": "tiny", "seed": 0}
+    assert cfg.model.build.args == {"kind": "vl", "size": "tiny", "seed": 0, "tools": False}
     assert type(cfg.model.build.declaration().check_args(cfg.model.build.args)).__name__ == "TinyModel"
 
 
