@@ -152,6 +152,10 @@ class DatasetSpec(Strict):
     """The reward that scores an answer when this dataset is evaluated (named as in `rewards:`; an
     answer it gives 1.0 is correct). Default: the dataset's own, from its folder's `task.json` or its
     builder, else `exact_match` with `solution`."""
+    tools: list[str] | None = None
+    """SFT: tool plugins (named as RL names its tools) whose schemas the chat template declares to rows
+    without a `tools` column. Default: those of the folder's `task.json`, else none; `[]` declares none
+    (the no-tool baseline on a tool task's prompts). RL declares the tools of its `tools:` section."""
 
 
 class DataConfig(Strict):

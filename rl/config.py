@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import DatasetSpec, OptimConfig, SFTInit, Strict, TrainingStage, check_fits
 from posttrain.rewards.config import RewardsConfig
-from posttrain.rollout.config import RolloutConfig
+from posttrain.rollout.config import RolloutConfig, ToolsConfig
 
 Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 PolicyLoss = Literal["ppo", "gspo", "sapo"]
@@ -156,6 +156,9 @@ class RLConfig(TrainingStage):
     data: RLData
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardsConfig
+    tools: ToolsConfig | None = None
+    """Multi-turn tool use (None: one response per prompt). Prompts declare the tools' schemas, rewards
+    score each episode's final turn, and the loss covers only the tokens the model sampled."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
     reference: ReferenceConfig = ReferenceConfig()
     train: RLTrainConfig = RLTrainConfig()
@@ -163,6 +166,11 @@ class RLConfig(TrainingStage):
     @property
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.rollout.samples_per_prompt
+
+    @property
+    def response_limit(self) -> int:
+        """The most response tokens of one episode (every turn of a tool episode)."""
+        return self.tools.max_episode_tokens if self.tools else self.rollout.max_tokens
 
     @property
     def optimizer_batch(self) -> tuple[int, int, str]:
@@ -210,7 +218,7 @@ class RLConfig(TrainingStage):
             raise ValueError(f"train.accuracy_reward {self.train.accuracy_reward!r} is not one of {keys}")
         sampled = {
             "data.max_prompt_length": self.data.max_prompt_length,
-            "rollout.max_tokens": self.rollout.max_tokens,
+            "tools.max_episode_tokens" if self.tools else "rollout.max_tokens": self.response_limit,
         }
         check_fits(sampled, "rollout.max_model_len", self.rollout.max_model_len)
         if self.rollout.colocate:

@@ -26,6 +26,7 @@ from posttrain.objectives import Norms, StepStats, merge_stats
 from posttrain.rewards.builtin import overlong_penalty
 from posttrain.rewards.registry import required_columns
 from posttrain.rewards.runtime import RewardRuntime
+from posttrain.rewards.tools import load_tools
 from posttrain.rl.advantages import group_advantages, keep_informative_groups
 from posttrain.rl.batch import Experience, Scored, collate, loss_positions, model_inputs, response_logprobs
 from posttrain.rl.config import RLConfig
@@ -41,6 +42,7 @@ from posttrain.rollout.episodes import (
     start_policy_engines,
 )
 from posttrain.rollout.evaluation import EvalSet
+from posttrain.rollout.multiturn import episode_metrics
 from posttrain.stage import StageRun, prepare_inputs
 
 log = logging.getLogger("posttrain.rl")
@@ -53,8 +55,15 @@ def run(cfg: RLConfig) -> Path:
         processing, is_vl = load_processing(model_path, cfg.model.trust_remote_code)
         tok = tokenizer_of(processing)
         needs = required_columns(cfg.rewards.rewards)
-        prompts = build_prompts(cfg.data.prompts, processing, is_vl, cfg.data.max_prompt_length, needs)
-        eval_set = EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl) if cfg.data.eval else None
+        schemas = load_tools(cfg.tools.names).schemas if cfg.tools else None  # a bad tool fails here
+        prompts = build_prompts(
+            cfg.data.prompts, processing, is_vl, cfg.data.max_prompt_length, needs, tools=schemas
+        )
+        eval_set = (
+            EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl, tools=schemas)
+            if cfg.data.eval
+            else None
+        )
         log.info(
             "%d prompts; %s", len(prompts), f"{len(eval_set.prompts)} eval prompts" if eval_set else "no eval"
         )
@@ -73,7 +82,15 @@ def run(cfg: RLConfig) -> Path:
         sync = policy_sync(cfg, cfg.rollout, learners, engines, tok, run.out)
         stop_ids = [tok.convert_tokens_to_ids("<|im_end|>")]
         rollouts = Rollouts(
-            engines, sync, prompts, cfg.rollout, cfg.train.seed, stop_ids, placeholder_ids(tok, is_vl)
+            engines,
+            sync,
+            prompts,
+            cfg.rollout,
+            cfg.train.seed,
+            stop_ids,
+            placeholder_ids(tok, is_vl),
+            cfg.tools,
+            processing if is_vl else None,
         )
         stage = RLStage(rollouts, eval_set, cfg, learners, rewards, reference, tok, colocation)
         run.train(learners, stage, cfg.train.max_steps)
@@ -194,7 +211,7 @@ class RLStage(OnPolicyStage):
         and the failure counts."""
         cfg, tok = self.cfg, self.tokenizer
         stop = set(self.rollouts.stop_ids)
-        ids = [[i for i in e.response if i not in stop] for e in episodes]
+        ids = [[i for i in e.final_response if i not in stop] for e in episodes]
         texts = [tok.decode(x, skip_special_tokens=False) for x in ids]
         sources = [e.prompt.source for e in episodes]
         columns = {key: [s.extra.get(key) for s in sources] for key in sources[0].extra}
@@ -202,7 +219,7 @@ class RLStage(OnPolicyStage):
         algo = cfg.algorithm
         penalties = [
             algo.overlong_penalty
-            * overlong_penalty(len(e.response), cfg.rollout.max_tokens, algo.overlong_buffer)
+            * overlong_penalty(len(e.response), cfg.response_limit, algo.overlong_buffer)
             if algo.overlong_buffer
             else 0.0
             for e in episodes
@@ -270,7 +287,7 @@ class RLStage(OnPolicyStage):
                 norms = Norms(
                     tokens=float(max(1, sum(len(p) for p in positions))),
                     seqs=float(max(1, sum(bool(p) for p in positions))),
-                    norm_length=float(cfg.rollout.max_tokens),
+                    norm_length=float(cfg.response_limit),
                     temperature=cfg.rollout.temperature,
                 )
                 shards = shard_batches(
@@ -336,6 +353,9 @@ def batch_metrics(stage: RLStage, experience: list[Experience]) -> dict[str, flo
     out["response/tokens_max"] = float(max(len(x.episode.response) for x in experience))
     out["reward/valid"] = _mean([x.scored.valid for x in experience])
     out["response/placeholder_cut"] = _mean([x.episode.placeholder for x in experience])
+    if cfg.tools is not None:
+        episodes = [x.episode for x in experience]
+        out |= episode_metrics([e.sample for e in episodes], [e.prompt.source.mode for e in episodes])
     valid_adv = [x.advantage for x in experience if x.scored.valid]
     out["advantage/mean"] = _mean(valid_adv)
     out["advantage/abs_max"] = max((abs(a) for a in valid_adv), default=0.0)

@@ -22,11 +22,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Required, TypeAlias, TypedDict, Unpack, cast
 
 from posttrain.config import ConfigError
-from posttrain.rollout.config import SamplingConfig
+from posttrain.rewards.tools import ToolRuntime, load_tools
+from posttrain.rollout.config import SamplingConfig, ToolsConfig
+from posttrain.rollout.multiturn import EpisodeLoop
+from posttrain.rollout.samples import RolloutRequest, RolloutResult, RolloutSample
 from posttrain.rollout.weight_sync import Probe, WeightSyncError
 from posttrain.weights import Bucket, SyncManifest, WireBucket, put_bucket, tensor_checksum, unpack_bucket
 from posttrain.workers import COLOCATED_GPU_SHARE, SharedPlacement, WorkerGroup, init_ray, split_evenly
@@ -63,25 +65,6 @@ class EngineStartError(ConfigError):
     """An engine group could not start: names the group, the model, vLLM's reason and the key to change."""
 
 
-@dataclass
-class RolloutRequest:
-    """One prompt (token ids, as the caller's chat template rendered them) and how to sample it."""
-
-    prompt_token_ids: list[int]
-    n: int = 1
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off (vLLM 0.32)
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    logprobs: int | None = 0  # None: none; 0: the sampled token's only; k: also the top k
-    prompt_logprobs: int | None = None  # None: none; 0: each prompt token's; k: also the top k
-    images: list[Image] | None = None  # PIL images for a VL prompt (its ids hold one image pad per image)
-    thinking_budget: int | None = None  # close the think block after this many generated tokens
-    ignore_eos: bool = False
-
-
 def sampled_request(
     sampling: SamplingConfig,
     prompt_ids: list[int],
@@ -104,26 +87,6 @@ def sampled_request(
         images=images,
         thinking_budget=sampling.thinking_budget,
     )
-
-
-@dataclass
-class RolloutSample:
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]  # of each sampled token (0.0 where `forced`), raw fp32 log_softmax
-    finish_reason: str  # "stop" | "length"
-    top_logprobs: list[dict[int, float]] | None = None
-    forced: list[int] = field(default_factory=list)  # positions the engine inserted (not sampled)
-    thinking_tokens: int | None = None  # generated tokens before the think block closed
-
-
-@dataclass
-class RolloutResult:
-    prompt_token_ids: list[int]
-    samples: list[RolloutSample]
-    prompt_logprobs: list[float | None] | None = None  # first is None (no context)
-    prompt_top_logprobs: list[dict[int, float] | None] | None = None
-    weight_version: int = 0
 
 
 def head_dim(model_config: dict[str, Any]) -> int:
@@ -338,6 +301,9 @@ class RolloutEngine:
         self._received: tuple[int, list[tuple[dict[str, float], int]]] | None = None  # deferred checks
         self.lora: LoRARequest | None = None  # LoRARequest of the current adapter version
         self.asleep: set[str] = set()  # of SLEEP_TAGS: what `sleep` released and no wake restored yet
+        self.max_images = limit_images or 4 if self.is_vl else 0
+        self._tools: ToolRuntime | None = None  # started by the first `generate_episodes`
+        self._tools_cfg: ToolsConfig | None = None
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------ info
@@ -378,6 +344,27 @@ class RolloutEngine:
             ):
                 results[i] = res
         return [r for r in results if r is not None]
+
+    def generate_episodes(
+        self, requests: Sequence[RolloutRequest], tools: ToolsConfig
+    ) -> list[RolloutResult]:
+        """Multi-turn tool episodes (`rollout.multiturn`): each sample generates, calls tools, reads their
+        answers and continues; results as `generate` gives them. The tool pool starts with the first call
+        and lives with the engine."""
+        if self.dirty:
+            raise RuntimeError(f"engine {self.name} will not generate: {self.dirty}; sync weights again")
+        loop = EpisodeLoop(self.llm, self._tool_runtime(tools), tools, self.max_images, self.lora)
+        return loop.run(list(requests), self.version)
+
+    def _tool_runtime(self, cfg: ToolsConfig) -> ToolRuntime:
+        if self._tools is None or self._tools_cfg != cfg:
+            if self._tools is not None:
+                self._tools.close()
+            self._tools = ToolRuntime(
+                load_tools(cfg.names), timeout_s=cfg.timeout_s, pool_size=cfg.parallel_calls
+            )
+            self._tools_cfg = cfg
+        return self._tools
 
     def prompt_logprobs(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
         """Log-probabilities of tokens 1..T-1 of each sequence given its prefix (the learner's
@@ -869,15 +856,23 @@ class RolloutGroup:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def generate(self, requests: Sequence[RolloutRequest]) -> list[RolloutResult]:
+    def generate(
+        self, requests: Sequence[RolloutRequest], tools: ToolsConfig | None = None
+    ) -> list[RolloutResult]:
         """Results in request order; requests split over the engines in contiguous, even chunks."""
-        return self.collect(self.submit(requests))
+        return self.collect(self.submit(requests, tools))
 
-    def submit(self, requests: Sequence[RolloutRequest]) -> list[ObjectRef[list[RolloutResult]]]:
-        """Start generation and return at once (ObjectRefs, one per engine) so the caller can overlap
-        other work, e.g. scoring the previous batch; `collect` waits for them."""
+    def submit(
+        self, requests: Sequence[RolloutRequest], tools: ToolsConfig | None = None
+    ) -> list[ObjectRef[list[RolloutResult]]]:
+        """Start generation (multi-turn tool episodes with `tools`) and return at once (ObjectRefs, one per
+        engine) so the caller can overlap other work, e.g. scoring the previous batch; `collect` waits."""
         reqs = list(requests)
         chunks = split_evenly(reqs, len(self.workers), [r.n * r.max_tokens for r in reqs])
+        if tools is not None:
+            return [
+                a.generate_episodes.remote(c, tools) for a, c in zip(self.workers.actors, chunks, strict=True)
+            ]
         return [a.generate.remote(c) for a, c in zip(self.workers.actors, chunks, strict=True)]
 
     def collect(self, refs: Sequence[ObjectRef[list[RolloutResult]]]) -> list[RolloutResult]:
