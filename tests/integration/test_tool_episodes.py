@@ -1,7 +1,9 @@
 """Multi-turn tool episodes on real vLLM engines, token-exact from sampling to the loss.
 
-Tiny models overfit on a few tool conversations (`posttrain.synthetic.tool_policy`) replay their calls under
-greedy decoding, so every failure class and both chat modes occur on purpose.
+Micro models overfit on a few tool conversations (`posttrain.synthetic.tool_policy`) replay their calls under
+greedy decoding, so every failure class and both chat modes occur on purpose. The text episodes' prompts
+declare no tools (the tiny tokenizer spells JSON schemas almost character by character: five schemas are
+~900 prompt tokens); the VL run's prompts declare crop_zoom's, as every tool-use run does.
 
 Which context we train on: the tokens the engine conditioned on, every turn's reasoning included. Qwen3's
 template drops reasoning only of assistant turns before the last *user query*; tool answers are not
@@ -95,10 +97,8 @@ def text_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from posttrain.synthetic.tool_policy import tool_policy
 
     root = tmp_path_factory.mktemp("tool_models")
-    base = build_tiny_model(root / "text", "text", tools=True)
-    return tool_policy(
-        base, root / "text_policy", [*SCENARIOS.values(), TWO_CALLS], load_tools(TOOLS).schemas
-    )
+    base = build_tiny_model(root / "text", "text", "micro", tools=True)  # micro: overfits in seconds
+    return tool_policy(base, root / "text_policy", [*SCENARIOS.values(), TWO_CALLS], None)
 
 
 class PromptSpy:
@@ -119,16 +119,13 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     from posttrain.rollout.engine import RolloutEngine
     from posttrain.rollout.samples import RolloutRequest
 
-    tools = load_tools(TOOLS)
     cfg = ToolsConfig(names=TOOLS, timeout_s=1.0, max_turns=3, max_episode_tokens=400)
     engine = RolloutEngine(str(text_policy), max_model_len=1024, max_num_seqs=16)
     tok = engine.tokenizer
     chats = [*SCENARIOS.values(), TWO_CALLS]
     modes = [False] * len(SCENARIOS) + [True]
     texts = [
-        tok.apply_chat_template(
-            c[:1], tools=tools.schemas, add_generation_prompt=True, enable_thinking=t, tokenize=False
-        )
+        tok.apply_chat_template(c[:1], add_generation_prompt=True, enable_thinking=t, tokenize=False)
         for c, t in zip(chats, modes, strict=True)
     ]
     requests = [
@@ -158,7 +155,7 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     # the same conversation through apply_chat_template gives the same ids (canonical turns, see above)
     for chat, t, (prompt_ids, s) in zip(chats, modes, by_prompt.items(), strict=True):
         if chat is SCENARIOS[None] or chat is TWO_CALLS:
-            rendered = tok.apply_chat_template(chat, tools=tools.schemas, enable_thinking=t, tokenize=False)
+            rendered = tok.apply_chat_template(chat, enable_thinking=t, tokenize=False)
             assert tok.encode(rendered, add_special_tokens=False)[: len(prompt_ids) + len(s.token_ids)] == (
                 list(prompt_ids) + s.token_ids
             )
@@ -196,7 +193,7 @@ def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None
         chats.append(
             [prompt, turn(call("crop_zoom", bbox_2d=[0, 0, 500, 500])), answer, turn(content=row["solution"])]
         )
-    base = build_tiny_model(tmp_path / "vl", "vl", tools=True)
+    base = build_tiny_model(tmp_path / "vl", "vl", "micro", tools=True)
     policy = tool_policy(base, tmp_path / "vl_policy", chats, tools.schemas)
     out = tmp_path / "run"
     proc = subprocess.run(
@@ -215,11 +212,17 @@ def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None
             "train.max_steps=2",
             "train.prompts_per_step=2",
             "rollout.samples_per_prompt=4",
-            "rollout.max_tokens=32",
+            "rollout.max_tokens=96",
             "train.micro_batch_size=8",
-            "tools={names: [crop_zoom], max_turns: 2, max_episode_tokens: 120}",
+            "tools={names: [crop_zoom], max_turns: 2, max_episode_tokens: 200}",
+            "data.prompts.0.thinking=non_thinking",
+            "data.eval.thinking=non_thinking",
+            "data.max_prompt_length=640",
+            "rollout.max_model_len=1024",
+            "train.async_rollout=true",  # a checkpointed pending batch holds tool images
+            "checkpoint.every_steps=1",
             "eval.max_samples=2",
-            "eval.max_new_tokens=32",
+            "eval.max_new_tokens=96",
             "logging.progress=false",
         ],  # fmt: skip
         capture_output=True,
@@ -230,5 +233,5 @@ def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None
     print({k: v for k, v in train[-1].items() if k.startswith(("tools/", "mismatch", "reward/"))})
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["tools/calls"] >= 1.0 and r["tools/failures/exception"] == 0 for r in train)
-    assert max(r["mismatch/max_abs"] for r in train) <= 1e-4  # the learners saw the tool's image
+    assert train[0]["mismatch/max_abs"] <= 1e-4  # the learners saw the tool's image (step 2 is async)
     assert any(k.startswith("eval/tools/turns") for r in read_metrics(out / "metrics.jsonl") for k in r)
