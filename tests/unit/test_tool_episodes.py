@@ -37,7 +37,13 @@ def test_tool_images_expand_like_the_processor(tiny_vl_model: Path, thinking: bo
     )
     inputs = proc(text=[text], images=[_image("red")], return_tensors="pt")
     source = EvalPrompt(
-        inputs["input_ids"][0].tolist(), text, "", "non_thinking", 0, [_image("red")], dict(inputs)
+        inputs["input_ids"][0].tolist(),
+        text,
+        "",
+        "thinking" if thinking else "non_thinking",
+        0,
+        [_image("red")],
+        dict(inputs),
     )
     sampled = tok.encode("<tool_call>\n{}\n</tool_call><|im_end|>", add_special_tokens=False)
     turn = tool_turn_ids(tok, [ToolAnswer((_image("blue"),))], thinking)
