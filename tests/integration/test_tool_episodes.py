@@ -16,6 +16,8 @@ model never sampled.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -164,11 +166,9 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     assert [(s.token_ids, s.logprobs) for s in again] == [(s.token_ids, s.logprobs) for s in samples]
 
 
-def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None:
+def test_vl_crop_zoom_rl_end_to_end_and_exact_resume(tmp_path: Path, tiny_vl_model: Path) -> None:
     """crop_zoom returns the region as an image; the next turn's engine request carries it, the learners
     get its pixels, and learner and engine agree on every sampled token after it."""
-    import subprocess
-
     import datasets
 
     from posttrain.metrics import read_metrics
@@ -196,8 +196,7 @@ def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None
     base = build_tiny_model(tmp_path / "vl", "vl", "micro", tools=True)
     policy = tool_policy(base, tmp_path / "vl_policy", chats, tools.schemas)
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
+    command = [
             sys.executable,
             "-m",
             "posttrain",
@@ -224,14 +223,26 @@ def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None
             "eval.max_samples=2",
             "eval.max_new_tokens=96",
             "logging.progress=false",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        ]  # fmt: skip
+    _run(command)
     train = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     print({k: v for k, v in train[-1].items() if k.startswith(("tools/", "mismatch", "reward/"))})
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["tools/calls"] >= 1.0 and r["tools/failures/exception"] == 0 for r in train)
     assert train[0]["mismatch/max_abs"] <= 1e-4  # the learners saw the tool's image (step 2 is async)
     assert any(k.startswith("eval/tools/turns") for r in read_metrics(out / "metrics.jsonl") for k in r)
+    # killed after step 1 (its checkpoint holds the prefetched batch, tool images included): the resumed
+    # run repeats step 2 exactly
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(out / "checkpoints" / "step-00000002")
+    shutil.rmtree(out / "final")
+    _run(command)
+    again = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    for key in ("loss", "reward/total/mean", "tools/calls", "tools/tool_tokens", "response/tokens"):
+        assert again[1][key] == train[1][key], key
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+
+
+def _run(command: list[str]) -> None:
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
