@@ -17,7 +17,7 @@ Weight sync: one DeepSpeed learner (ZeRO 0, started as the tests start it) -> th
 bytes the engine received / seconds, against `dst.copy_(src)` and `src.clone()` of a 256 MB fp32 tensor in
 this process. An instrumented replica of the same steps splits one sync into phases.
 
-Multi-turn (`--multi-turn`, run on its own): a tiny text model overfit to call the calculator
+Multi-turn (`--multi-turn`, run on its own): the micro text model overfit to call the calculator
 (`posttrain.synthetic.tool_policy`) samples tool episodes (`RolloutGroup.generate(requests, tools)`:
 turn, calculator call in the tool pool, tool turn, final turn) at temperature 1; then the same prompts
 single-turn with `ignore_eos` and `max_tokens` equal to the episodes' mean sampled tokens per sample, so
@@ -528,8 +528,8 @@ def bench_multi_turn(args: argparse.Namespace) -> dict[str, Any]:
 
     schemas = load_tools(["calculator"]).schemas
     chats = calculator_chats(16)
-    base = build_tiny_model(args.out / f"tools-{args.size}", "text", args.size, tools=True)
-    policy = tool_policy(base, args.out / f"tools-{args.size}-policy", chats, schemas)
+    base = build_tiny_model(args.out / "tools-micro", "text", "micro", tools=True)  # overfits in seconds
+    policy = tool_policy(base, args.out / "tools-micro-policy", chats, schemas)
     init_ray(None, num_cpus=args.threads)
     engines = RolloutGroup(
         str(policy),

@@ -122,9 +122,8 @@ def crop_zoom(bbox_2d: list[int], image_index: int = 0, images: Sequence[Any] = 
     """Zoom in on a region of an image.
 
     Args:
-        bbox_2d: The region [x1, y1, x2, y2] in relative coordinates from 0 to 1000.
-        image_index: Which image of the conversation to crop, counting from 0 (the prompt's images, then
-            those returned by tools).
+        bbox_2d: Region [x1, y1, x2, y2], coordinates 0-1000.
+        image_index: Image number: 0 is the first of the prompt's, then tools' images.
     """
     if not 0 <= image_index < len(images):
         raise IndexError(

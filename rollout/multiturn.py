@@ -137,8 +137,11 @@ class EpisodeLoop:
     def _turn_done(self, ep: _Episode, out: CompletionOutput) -> None:
         ids = list(out.token_ids)
         ep.ids += ids
-        steps = cast("list[LogprobsOnePosition]", out.logprobs or [])  # sample logprobs are never flat here
-        ep.logprobs += [float(d[t].logprob) for d, t in zip(steps, ids, strict=True)]
+        if out.logprobs is None:  # not asked for (evaluation)
+            ep.logprobs += [0.0] * len(ids)
+        else:
+            steps = cast("list[LogprobsOnePosition]", out.logprobs)  # sample logprobs are never flat here
+            ep.logprobs += [float(d[t].logprob) for d, t in zip(steps, ids, strict=True)]
         if not ids or ids[-1] != self.end_id:  # cut at max_tokens (or the episode's budget)
             left = self.cfg.max_episode_tokens - len(ep.ids)
             return self._truncate(ep, "length" if left > 0 else "tokens")

@@ -12,12 +12,16 @@ from posttrain.synthetic.models import write_atomically
 
 
 def tool_policy(
-    base: Path, out: Path, chats: list[list[dict[str, Any]]], tools: list[dict[str, Any]], steps: int = 150
+    base: Path,
+    out: Path,
+    chats: list[list[dict[str, Any]]],
+    tools: list[Any] | None,
+    steps: int = 120,
+    lr: float = 1e-2,
 ) -> Path:
-    """A copy of the tiny model at `base` overfit (AdamW, full batch) on the assistant turns of `chats`,
-    rendered with the tool schemas `tools`, so greedy decoding replays their tool calls: a policy that
-    calls tools. Tool-message images come from `{"type": "image", "image": PIL}`
-    parts, prompt images likewise."""
+    """A copy of the tiny model at `base` overfit (AdamW, one full batch per step) on the assistant turns
+    of `chats` rendered with the tool schemas `tools` (None: no tools turn), so greedy decoding replays
+    their tool calls. Images are `{"type": "image", "image": PIL}` parts, in prompts and tool messages."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -29,34 +33,26 @@ def tool_policy(
     model = (AutoModelForImageTextToText if is_vl else AutoModelForCausalLM).from_pretrained(
         base, dtype=torch.float32
     )
-    header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
-    end_id = cast(int, tok.convert_tokens_to_ids(END_OF_TURN))
-    rows = []
-    for chat in chats:
-        text = processing.apply_chat_template(chat, tools=list[Any](tools), tokenize=False)
+    texts = [processing.apply_chat_template(chat, tools=tools, tokenize=False) for chat in chats]
+    if is_vl:
         images = [
             p["image"]
+            for chat in chats
             for m in chat
             if isinstance(m["content"], list)
             for p in m["content"]
             if p["type"] == "image"
         ]
-        if is_vl:
-            inputs = processing(text=[text], images=images or None, return_tensors="pt")
-        else:
-            inputs = tok([text], return_tensors="pt", add_special_tokens=False)
-        ids = inputs["input_ids"][0].tolist()
-        labels = torch.full((len(ids),), -100)
-        for start, end in assistant_spans(ids, header, end_id):
-            labels[start:end] = torch.tensor(ids[start:end])
-        rows.append((dict(inputs), labels))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        inputs = processing(text=texts, images=images or None, padding=True, return_tensors="pt")
+    else:
+        inputs = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    inputs = dict(inputs)
+    inputs["labels"] = assistant_labels(inputs["input_ids"], tok)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         optimizer.zero_grad()
-        for inputs, labels in rows:  # one row at a time: VL rows carry their own pixels
-            loss = model(**inputs, labels=labels[None]).loss / len(rows)
-            loss.backward()
+        model(**inputs).loss.backward()
         optimizer.step()
 
     def save(folder: Path) -> None:
@@ -64,3 +60,16 @@ def tool_policy(
         processing.save_pretrained(folder)
 
     return write_atomically(out, save)
+
+
+def assistant_labels(input_ids: Any, tok: Any) -> Any:
+    """Labels on the assistant turns of each (right-padded) row, -100 elsewhere."""
+    import torch
+
+    header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
+    end_id = cast(int, tok.convert_tokens_to_ids(END_OF_TURN))
+    labels = torch.full_like(input_ids, -100)
+    for row, ids in enumerate(input_ids.tolist()):
+        for start, end in assistant_spans(ids, header, end_id):
+            labels[row, start:end] = input_ids[row, start:end]
+    return labels

@@ -1,7 +1,9 @@
 """Multi-turn tool episodes on real vLLM engines, token-exact from sampling to the loss.
 
-Tiny models overfit on a few tool conversations (`posttrain.synthetic.tool_policy`) replay their calls under
-greedy decoding, so every failure class and both chat modes occur on purpose.
+Micro models overfit on a few tool conversations (`posttrain.synthetic.tool_policy`) replay their calls under
+greedy decoding, so every failure class and both chat modes occur on purpose. The text episodes' prompts
+declare no tools (the tiny tokenizer spells JSON schemas almost character by character: five schemas are
+~900 prompt tokens); the VL run's prompts declare crop_zoom's, as every tool-use run does.
 
 Which context we train on: the tokens the engine conditioned on, every turn's reasoning included. Qwen3's
 template drops reasoning only of assistant turns before the last *user query*; tool answers are not
@@ -14,6 +16,8 @@ model never sampled.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,10 +99,8 @@ def text_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from posttrain.synthetic.tool_policy import tool_policy
 
     root = tmp_path_factory.mktemp("tool_models")
-    base = build_tiny_model(root / "text", "text", tools=True)
-    return tool_policy(
-        base, root / "text_policy", [*SCENARIOS.values(), TWO_CALLS], load_tools(TOOLS).schemas
-    )
+    base = build_tiny_model(root / "text", "text", "micro", tools=True)  # micro: overfits in seconds
+    return tool_policy(base, root / "text_policy", [*SCENARIOS.values(), TWO_CALLS], None, steps=200)
 
 
 class PromptSpy:
@@ -119,16 +121,13 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     from posttrain.rollout.engine import RolloutEngine
     from posttrain.rollout.samples import RolloutRequest
 
-    tools = load_tools(TOOLS)
     cfg = ToolsConfig(names=TOOLS, timeout_s=1.0, max_turns=3, max_episode_tokens=400)
     engine = RolloutEngine(str(text_policy), max_model_len=1024, max_num_seqs=16)
     tok = engine.tokenizer
     chats = [*SCENARIOS.values(), TWO_CALLS]
     modes = [False] * len(SCENARIOS) + [True]
     texts = [
-        tok.apply_chat_template(
-            c[:1], tools=tools.schemas, add_generation_prompt=True, enable_thinking=t, tokenize=False
-        )
+        tok.apply_chat_template(c[:1], add_generation_prompt=True, enable_thinking=t, tokenize=False)
         for c, t in zip(chats, modes, strict=True)
     ]
     requests = [
@@ -139,8 +138,12 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     ]
     spy = PromptSpy(engine.llm)
     samples = [r.samples[0] for r in engine.generate_episodes(requests, cfg)]
-    failures = {name: s.tool_calls[0].failure for name, s in zip([*SCENARIOS, "two"], samples, strict=False)}
-    print({k: (v, samples[i].text) for i, (k, v) in enumerate(failures.items())})
+    for s in samples:
+        print(repr(tok.decode(s.token_ids)), s.tool_calls)
+    failures = {
+        name: s.tool_calls[0].failure if s.tool_calls else "no call"
+        for name, s in zip([*SCENARIOS, "two"], samples, strict=True)
+    }
     assert failures == {name: name for name in SCENARIOS} | {"two": None}
     assert [c.failure for c in samples[-1].tool_calls] == [None, None]
     by_prompt = {tuple(r.prompt_token_ids): s for r, s in zip(requests, samples, strict=True)}
@@ -158,7 +161,7 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     # the same conversation through apply_chat_template gives the same ids (canonical turns, see above)
     for chat, t, (prompt_ids, s) in zip(chats, modes, by_prompt.items(), strict=True):
         if chat is SCENARIOS[None] or chat is TWO_CALLS:
-            rendered = tok.apply_chat_template(chat, tools=tools.schemas, enable_thinking=t, tokenize=False)
+            rendered = tok.apply_chat_template(chat, enable_thinking=t, tokenize=False)
             assert tok.encode(rendered, add_special_tokens=False)[: len(prompt_ids) + len(s.token_ids)] == (
                 list(prompt_ids) + s.token_ids
             )
@@ -167,11 +170,9 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     assert [(s.token_ids, s.logprobs) for s in again] == [(s.token_ids, s.logprobs) for s in samples]
 
 
-def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None:
+def test_vl_crop_zoom_rl_end_to_end_and_exact_resume(tmp_path: Path, tiny_vl_model: Path) -> None:
     """crop_zoom returns the region as an image; the next turn's engine request carries it, the learners
     get its pixels, and learner and engine agree on every sampled token after it."""
-    import subprocess
-
     import datasets
 
     from posttrain.metrics import read_metrics
@@ -196,11 +197,10 @@ def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None
         chats.append(
             [prompt, turn(call("crop_zoom", bbox_2d=[0, 0, 500, 500])), answer, turn(content=row["solution"])]
         )
-    base = build_tiny_model(tmp_path / "vl", "vl", tools=True)
-    policy = tool_policy(base, tmp_path / "vl_policy", chats, tools.schemas)
+    base = build_tiny_model(tmp_path / "vl", "vl", "micro", tools=True)
+    policy = tool_policy(base, tmp_path / "vl_policy", chats, tools.schemas, steps=200)
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
+    command = [
             sys.executable,
             "-m",
             "posttrain",
@@ -215,20 +215,38 @@ def test_vl_crop_zoom_rl_end_to_end(tmp_path: Path, tiny_vl_model: Path) -> None
             "train.max_steps=2",
             "train.prompts_per_step=2",
             "rollout.samples_per_prompt=4",
-            "rollout.max_tokens=32",
+            "rollout.max_tokens=96",
             "train.micro_batch_size=8",
-            "tools={names: [crop_zoom], max_turns: 2, max_episode_tokens: 120}",
+            "tools={names: [crop_zoom], max_turns: 2, max_episode_tokens: 200}",
+            "data.prompts.0.thinking=non_thinking",
+            "data.eval.thinking=non_thinking",
+            "data.max_prompt_length=640",
+            "rollout.max_model_len=1024",
+            "train.async_rollout=true",  # a checkpointed pending batch holds tool images
+            "checkpoint.every_steps=1",
             "eval.max_samples=2",
-            "eval.max_new_tokens=32",
+            "eval.max_new_tokens=96",
             "logging.progress=false",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        ]  # fmt: skip
+    _run(command)
     train = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     print({k: v for k, v in train[-1].items() if k.startswith(("tools/", "mismatch", "reward/"))})
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["tools/calls"] >= 1.0 and r["tools/failures/exception"] == 0 for r in train)
-    assert max(r["mismatch/max_abs"] for r in train) <= 1e-4  # the learners saw the tool's image
+    assert train[0]["mismatch/max_abs"] <= 1e-4  # the learners saw the tool's image (step 2 is async)
     assert any(k.startswith("eval/tools/turns") for r in read_metrics(out / "metrics.jsonl") for k in r)
+    # killed after step 1 (its checkpoint holds the prefetched batch, tool images included): the resumed
+    # run repeats step 2 exactly
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(out / "checkpoints" / "step-00000002")
+    shutil.rmtree(out / "final")
+    _run(command)
+    again = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    for key in ("loss", "reward/total/mean", "tools/calls", "tools/tool_tokens", "response/tokens"):
+        assert again[1][key] == train[1][key], key
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+
+
+def _run(command: list[str]) -> None:
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]

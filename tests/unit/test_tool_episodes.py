@@ -17,27 +17,36 @@ def _image(color: str):
     return Image.new("RGB", (64, 64), color)
 
 
-def test_tool_images_expand_like_the_processor(tiny_vl_model: Path) -> None:
+@pytest.mark.parametrize("thinking", [True, False])
+def test_tool_images_expand_like_the_processor(tiny_vl_model: Path, thinking: bool) -> None:
+    """Qwen3-VL, both chat modes: the engine-layout episode (one pad per image, tool turn from the
+    template) expanded for the learner equals the processor's ids of the whole conversation."""
     from transformers import AutoProcessor
 
     from posttrain.data.prompts import EvalPrompt
+    from posttrain.rewards.tools import ToolAnswer
     from posttrain.rl.batch import model_inputs
     from posttrain.rollout.episodes import Episode, Prompt, with_tool_images
+    from posttrain.rollout.tool_turns import tool_turn_ids
 
     proc = AutoProcessor.from_pretrained(tiny_vl_model)
     tok = proc.tokenizer
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "look"}]}]
-    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    text = proc.apply_chat_template(
+        msgs, add_generation_prompt=True, enable_thinking=thinking, tokenize=False
+    )
     inputs = proc(text=[text], images=[_image("red")], return_tensors="pt")
     source = EvalPrompt(
-        inputs["input_ids"][0].tolist(), text, "", "non_thinking", 0, [_image("red")], dict(inputs)
+        inputs["input_ids"][0].tolist(),
+        text,
+        "",
+        "thinking" if thinking else "non_thinking",
+        0,
+        [_image("red")],
+        dict(inputs),
     )
     sampled = tok.encode("<tool_call>\n{}\n</tool_call><|im_end|>", add_special_tokens=False)
-    turn = tok.encode(
-        "\n<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>\n</tool_response><|im_end|>\n"
-        "<|im_start|>assistant\n",
-        add_special_tokens=False,
-    )
+    turn = tool_turn_ids(tok, [ToolAnswer((_image("blue"),))], thinking)
     final = tok.encode("red<|im_end|>", add_special_tokens=False)
     ids = sampled + turn + final
     forced = list(range(len(sampled), len(sampled) + len(turn)))
