@@ -549,7 +549,9 @@ def bench_multi_turn(args: argparse.Namespace) -> dict[str, Any]:
         )
         for i in range(args.prompts)
     ]
-    tools = ToolsConfig(names=["calculator"], max_turns=3, max_episode_tokens=args.max_model_len // 2)
+    tools = ToolsConfig(
+        names=["calculator"], max_turns=3, max_episode_tokens=args.max_model_len - max(map(len, prompts))
+    )
     episodes = [
         RolloutRequest(p, n=args.n, max_tokens=args.max_tokens, seed=i, thinking=True)
         for i, p in enumerate(prompts)

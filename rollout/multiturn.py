@@ -12,7 +12,8 @@ same whatever the tools' timing.
 
 An episode ends at a turn without tool calls (`finish_reason` "stop"), or truncated (`finish_reason`
 "length", `truncation` naming the limit): a turn cut at `max_tokens` ("length"), `tools.max_turns`
-("turns"), `tools.max_episode_tokens` ("tokens") or the engine's images per prompt ("images").
+("turns"), `tools.max_episode_tokens` or the engine's `max_model_len` ("tokens"), or the engine's images
+per prompt ("images"). Image pads count as one token here (the engine's layout).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class EpisodeLoop:
         self.llm, self.tools, self.cfg, self.max_images, self.lora = llm, tools, cfg, max_images, lora
         self.tokenizer = llm.get_tokenizer()
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.max_model_len = llm.llm_engine.model_config.max_model_len  # the context a turn must fit in
         self.active: dict[str, _Episode] = {}
         self.waiting: list[_Episode] = []
         self.request_ids = itertools.count()
@@ -101,7 +103,8 @@ class EpisodeLoop:
     # ------------------------------------------------------------------------------------------ turns
 
     def _start_turn(self, ep: _Episode) -> None:
-        left = self.cfg.max_episode_tokens - len(ep.ids)
+        context = len(ep.request.prompt_token_ids) + len(ep.ids)
+        left = min(self.cfg.max_episode_tokens - len(ep.ids), self.max_model_len - context)
         if left <= 0:
             return self._truncate(ep, "tokens")
         ep.turn_starts.append(len(ep.ids))
@@ -168,7 +171,8 @@ class EpisodeLoop:
         if len(ep.request.images or []) + len(ep.images) + len(new_images) > self.max_images:
             return self._truncate(ep, "images")
         forced = tool_turn_ids(self.tokenizer, answers, ep.request.thinking)
-        if len(ep.ids) + len(forced) >= self.cfg.max_episode_tokens:
+        context = len(ep.request.prompt_token_ids) + len(ep.ids) + len(forced)
+        if len(ep.ids) + len(forced) >= self.cfg.max_episode_tokens or context >= self.max_model_len:
             return self._truncate(ep, "tokens")
         ep.forced += range(len(ep.ids), len(ep.ids) + len(forced))
         ep.ids += forced

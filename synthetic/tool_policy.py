@@ -4,6 +4,7 @@ benchmark sample from; it learns nothing general."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +28,7 @@ def tool_policy(
 
     if (out / "config.json").is_file():
         return out
-    is_vl = (base / "preprocessor_config.json").is_file()
+    is_vl = "vision_config" in json.loads((base / "config.json").read_text())
     processing = (AutoProcessor if is_vl else AutoTokenizer).from_pretrained(base)
     tok = processing.tokenizer if is_vl else processing
     model = (AutoModelForImageTextToText if is_vl else AutoModelForCausalLM).from_pretrained(

@@ -84,6 +84,12 @@ SCENARIOS: dict[str | None, list[dict[str, Any]]] = {
     ],
     "malformed": [user("broken"), turn(content=MALFORMED), tool("Error: not JSON"), turn(content="no")],
 }
+THINKING = [
+    user("think and add 1 and 2"),
+    turn(call("calculator", expression="1+2"), reasoning="one sum"),
+    tool("3"),
+    turn(content="3", reasoning="done"),
+]
 TWO_CALLS = [
     user("multiply and add"),
     turn(call("calculator", expression="2*3"), call("calculator", expression="4+5"), reasoning="two sums"),
@@ -100,7 +106,9 @@ def text_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("tool_models")
     base = build_tiny_model(root / "text", "text", "micro", tools=True)  # micro: overfits in seconds
-    return tool_policy(base, root / "text_policy", [*SCENARIOS.values(), TWO_CALLS], None, steps=200)
+    return tool_policy(
+        base, root / "text_policy", [*SCENARIOS.values(), THINKING, TWO_CALLS], None, steps=200
+    )
 
 
 class PromptSpy:
@@ -124,8 +132,8 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     cfg = ToolsConfig(names=TOOLS, timeout_s=1.0, max_turns=3, max_episode_tokens=400)
     engine = RolloutEngine(str(text_policy), max_model_len=1024, max_num_seqs=16)
     tok = engine.tokenizer
-    chats = [*SCENARIOS.values(), TWO_CALLS]
-    modes = [False] * len(SCENARIOS) + [True]
+    chats = [*SCENARIOS.values(), THINKING, TWO_CALLS]
+    modes = [False] * len(SCENARIOS) + [True, True]
     texts = [
         tok.apply_chat_template(c[:1], add_generation_prompt=True, enable_thinking=t, tokenize=False)
         for c, t in zip(chats, modes, strict=True)
@@ -142,9 +150,9 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
         print(repr(tok.decode(s.token_ids)), s.tool_calls)
     failures = {
         name: s.tool_calls[0].failure if s.tool_calls else "no call"
-        for name, s in zip([*SCENARIOS, "two"], samples, strict=True)
+        for name, s in zip([*SCENARIOS, "thinking", "two"], samples, strict=True)
     }
-    assert failures == {name: name for name in SCENARIOS} | {"two": None}
+    assert failures == {name: name for name in SCENARIOS} | {"thinking": None, "two": None}
     assert [c.failure for c in samples[-1].tool_calls] == [None, None]
     by_prompt = {tuple(r.prompt_token_ids): s for r, s in zip(requests, samples, strict=True)}
     for prompt_ids, s in by_prompt.items():
@@ -160,7 +168,7 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
         assert s.forced == list(range(s.forced[0], s.turn_starts[1]))
     # the same conversation through apply_chat_template gives the same ids (canonical turns, see above)
     for chat, t, (prompt_ids, s) in zip(chats, modes, by_prompt.items(), strict=True):
-        if chat is SCENARIOS[None] or chat is TWO_CALLS:
+        if chat is SCENARIOS[None] or chat is THINKING or chat is TWO_CALLS:
             rendered = tok.apply_chat_template(chat, enable_thinking=t, tokenize=False)
             assert tok.encode(rendered, add_special_tokens=False)[: len(prompt_ids) + len(s.token_ids)] == (
                 list(prompt_ids) + s.token_ids

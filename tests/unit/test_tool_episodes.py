@@ -138,7 +138,9 @@ class FakeLLM:
         from types import SimpleNamespace
 
         self.tok, self.script, self.queue = tok, script, []
-        self.llm_engine = SimpleNamespace(add_request=self._add, step=self._step)
+        self.llm_engine = SimpleNamespace(
+            add_request=self._add, step=self._step, model_config=SimpleNamespace(max_model_len=4096)
+        )
         self.prompts: list[list[int]] = []
 
     def get_tokenizer(self):
