@@ -140,7 +140,7 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     ]
     requests = [
         RolloutRequest(
-            tok.encode(x, add_special_tokens=False), max_tokens=64, temperature=0.0, thinking=t, seed=3
+            tok.encode(x, add_special_tokens=False), max_tokens=128, temperature=0.0, thinking=t, seed=3
         )
         for x, t in zip(texts, modes, strict=True)
     ]
@@ -240,7 +240,8 @@ def test_vl_crop_zoom_rl_end_to_end_and_exact_resume(tmp_path: Path, tiny_vl_mod
     train = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     print({k: v for k, v in train[-1].items() if k.startswith(("tools/", "mismatch", "reward/"))})
     assert [r["step"] for r in train] == [1, 2]
-    assert all(r["tools/calls"] >= 1.0 and r["tools/failures/exception"] == 0 for r in train)
+    assert train[-1]["tools/calls"] == 1.0 and train[-1]["tools/turns"] == 2.0  # measured: every episode
+    assert all(r["tools/failures/exception"] == 0 and r["tools/calls"] > 0 for r in train)
     assert train[0]["mismatch/max_abs"] <= 1e-4  # the learners saw the tool's image (step 2 is async)
     assert any(k.startswith("eval/tools/turns") for r in read_metrics(out / "metrics.jsonl") for k in r)
     # killed after step 1 (its checkpoint holds the prefetched batch, tool images included): the resumed
