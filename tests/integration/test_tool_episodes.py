@@ -140,7 +140,7 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
     ]
     requests = [
         RolloutRequest(
-            tok.encode(x, add_special_tokens=False), max_tokens=128, temperature=0.0, thinking=t, seed=3
+            tok.encode(x, add_special_tokens=False), max_tokens=256, temperature=0.0, thinking=t, seed=3
         )
         for x, t in zip(texts, modes, strict=True)
     ]
