@@ -36,10 +36,19 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
 
 
-def add_size(p: argparse.ArgumentParser, default: str, real_shape: bool = False) -> None:
-    """`--size`: the tiny models, and (`real_shape`) Qwen3-0.6B's shape in fp32 (`bench_model`)."""
+def add_size(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
-        "--size", choices=["tiny", "small", *([REAL_SHAPE] if real_shape else [])], default=default
+        "--size",
+        choices=["tiny", "small", REAL_SHAPE],
+        default=default,
+        help=f"tiny (~1M parameters), small (~10M) or {REAL_SHAPE}: Qwen3-0.6B's widths and 151,936-token "
+        "vocabulary, random, fp32",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help=f"{REAL_SHAPE} only: fewer blocks than its 28 (the same width and vocabulary)",
     )
 
 
@@ -68,32 +77,27 @@ def parse(p: argparse.ArgumentParser, out: Path = Path("runs/bench")) -> argpars
     args = p.parse_args()
     if "global_batch" in args and args.global_batch % args.micro_batch:
         p.error("--global-batch must be a multiple of --micro-batch")
+    if getattr(args, "layers", None) is not None and args.size != REAL_SHAPE:
+        p.error(f"--layers goes with --size {REAL_SHAPE}")
     return args
 
 
 # ------------------------------------------------------------------------------------------ model and task
 
 
-def tiny_model(out: Path, size: Any) -> Path:
-    """posttrain's random tiny text Qwen3 of `size` under `out`, built on first use (nothing is downloaded)."""
+def bench_model(out: Path, size: str, layers: int | None = None) -> Path:
+    """posttrain's random text Qwen3 of `size` under `out` (a tiny one, or the real shape in fp32 with
+    `layers` blocks), built on first use: nothing is downloaded."""
     from posttrain.synthetic.models import build_tiny_model
-
-    model = out / f"model-{size}"
-    if not (model / "config.json").is_file():
-        build_tiny_model(model, "text", size)
-    return model
-
-
-def bench_model(out: Path, size: str) -> Path:
-    """`tiny_model`, or for REAL_SHAPE a random fp32 Qwen3 of Qwen3-0.6B's published shape (2.4 GB, tied
-    embeddings, the 151,936-token vocabulary), built on first use."""
-    if size != REAL_SHAPE:
-        return tiny_model(out, size)
     from posttrain.synthetic.shapes import Qwen3Shape, build_qwen3_shape
 
-    model = out / f"model-{size}"
-    if not (model / "config.json").is_file():
-        build_qwen3_shape(model, Qwen3Shape(shape=REAL_SHAPE, dtype="float32"))
+    model = out / f"model-{size}{'' if layers is None else f'-{layers}l'}"
+    if (model / "config.json").is_file():
+        return model
+    if size == REAL_SHAPE:
+        build_qwen3_shape(model, Qwen3Shape(shape=REAL_SHAPE, layers=layers, dtype="float32"))
+    else:
+        build_tiny_model(model, "text", size)  # type: ignore[arg-type]  # argparse checked the choice
     return model
 
 
@@ -245,9 +249,12 @@ def load_model(path: str | Path) -> Any:
 def timed_trainer(base: type) -> type:
     """`base` (a transformers Trainer) with each optimizer step timed. A subclass defines `step_began()`,
     called before each step, and `step_record(seconds)`, whose result is appended to `steps` after it;
-    every logged training loss is appended to `losses`. Construct it with `model_dir`: the model is loaded
-    by `load_model`, the tokenizer from the same folder."""
+    every logged training loss is appended to `losses` and each step's peak resident memory (GiB, as
+    posttrain's `memory/learner_peak_gib` reads its learner's) to `peak_gib`. Construct it with `model_dir`:
+    the model is loaded by `load_model`, the tokenizer from the same folder."""
     from transformers import AutoTokenizer, TrainerCallback
+
+    from posttrain.memory import PeakMemory
 
     class StepTimer(TrainerCallback):
         def __init__(self, trainer: Any) -> None:
@@ -255,10 +262,14 @@ def timed_trainer(base: type) -> type:
 
         def on_step_begin(self, *_: Any, **__: Any) -> None:
             self.trainer.step_began()
+            self.memory = PeakMemory("cpu").__enter__()
             self.began = time.perf_counter()
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
-            self.trainer.steps.append(self.trainer.step_record(time.perf_counter() - self.began))
+            seconds = time.perf_counter() - self.began
+            self.memory.__exit__(None, None, None)
+            self.trainer.peak_gib.append(self.memory.peak_gib)
+            self.trainer.steps.append(self.trainer.step_record(seconds))
 
         def on_log(self, *_: Any, logs: dict[str, float] | None = None, **__: Any) -> None:
             if logs and "loss" in logs:
@@ -268,6 +279,7 @@ def timed_trainer(base: type) -> type:
         def __init__(self, model_dir: str | Path, **kw: Any) -> None:
             self.steps: list[Any] = []
             self.losses: list[float] = []
+            self.peak_gib: list[float] = []
             model, tokenizer = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
             super().__init__(model=model, processing_class=tokenizer, callbacks=[StepTimer(self)], **kw)
 
@@ -283,6 +295,15 @@ def print_table(titles: Sequence[str], formats: Sequence[str], rows: Iterable[Se
     print(" ".join(format(title, spec.split(".")[0]) for title, spec in zip(titles, formats, strict=True)))
     for row in rows:
         print(" ".join(format(value, spec) for value, spec in zip(row, formats, strict=True)))
+
+
+def posttrain_peak_gib(records: list[dict[str, Any]]) -> float:
+    """The highest `memory/learner_peak_gib` of a posttrain run's step records (its learner's peak)."""
+    return max(r["memory/learner_peak_gib"] for r in records)
+
+
+def size_label(args: argparse.Namespace) -> str:
+    return args.size if args.layers is None else f"{args.size} ({args.layers} layers)"
 
 
 def args_json(args: argparse.Namespace) -> dict[str, Any]:

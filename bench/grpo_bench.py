@@ -60,6 +60,7 @@ class Result:
     tokens_per_s: float  # generated tokens / whole-step seconds
     generate_tokens_per_s: float  # generated tokens / generation seconds
     reward_mean: float
+    peak_gib: float  # the training process's peak resident memory over the timed steps
     steps: list[StepRecord] = field(repr=False)
 
 
@@ -89,7 +90,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def summarise(trainer: str, steps: list[StepRecord]) -> Result:
+def summarise(trainer: str, steps: list[StepRecord], peak_gib: float) -> Result:
     seconds = sum(s.seconds for s in steps)
     tokens = sum(s.tokens for s in steps)
     return Result(
@@ -101,6 +102,7 @@ def summarise(trainer: str, steps: list[StepRecord]) -> Result:
         tokens_per_s=tokens / seconds,
         generate_tokens_per_s=tokens / max(1e-9, sum(s.phases["generate"] for s in steps)),
         reward_mean=statistics.fmean(s.reward_mean for s in steps),
+        peak_gib=peak_gib,
         steps=steps,
     )
 
@@ -187,7 +189,7 @@ def run_posttrain(args: argparse.Namespace, model: Path, data: Path) -> Result:
         phases["other"] = r["time/step"] - sum(phases.values())
         tokens = round(r["response/tokens"] * n)
         steps.append(StepRecord(r["time/step"], phases, tokens, r["reward/total/mean"]))
-    return summarise("posttrain", steps)
+    return summarise("posttrain", steps, common.posttrain_peak_gib(records[WARMUP_STEPS:]))
 
 
 # ----------------------------------------------------------------------------------------------------- TRL
@@ -305,14 +307,14 @@ def run_trl(args: argparse.Namespace, model: Path, data: Path) -> tuple[Result, 
     trainer = make_trl_trainer(args, model, rows)
     check = check_prompts(trainer, rows, model, data)
     trainer.train()
-    return summarise("TRL", trainer.steps[WARMUP_STEPS:]), check
+    return summarise("TRL", trainer.steps[WARMUP_STEPS:], max(trainer.peak_gib[WARMUP_STEPS:])), check
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
 
-COLUMNS = ("trainer", "steps", "s/step", *PHASES, "tok/step", "tok/s", "gen tok/s", "reward")
-FORMATS = ("<10", ">5", ">7.3f", *[">8.3f"] * len(PHASES), ">8.0f", ">6.0f", ">9.0f", ">6.3f")
+COLUMNS = ("trainer", "steps", "s/step", *PHASES, "tok/step", "tok/s", "gen tok/s", "reward", "peak GiB")
+FORMATS = ("<10", ">5", ">7.3f", *[">8.3f"] * len(PHASES), ">8.0f", ">6.0f", ">9.0f", ">6.3f", ">8.2f")
 
 
 def table_row(r: Result) -> list[Any]:
@@ -325,6 +327,7 @@ def table_row(r: Result) -> list[Any]:
         r.tokens_per_s,
         r.generate_tokens_per_s,
         r.reward_mean,
+        r.peak_gib,
     ]
 
 
@@ -332,7 +335,7 @@ def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     threads = common.use_all_cores()  # TRL's
-    model, data = common.tiny_model(args.out, args.size), common.arithmetic_task(args.out)
+    model, data = common.bench_model(args.out, args.size, args.layers), common.arithmetic_task(args.out)
     log = common.RunLog()
     trl, check = log.run("trl", "between", run_trl, args, model, data)
     ours = log.run("posttrain", "after", run_posttrain, args, model, data)
@@ -341,7 +344,7 @@ def main() -> None:
 
     n = args.prompts_per_step * args.samples
     print(
-        f"\nGRPO bench: {args.size} model, {args.steps} steps ({WARMUP_STEPS} untimed), "
+        f"\nGRPO bench: {common.size_label(args)} model, {args.steps} steps ({WARMUP_STEPS} untimed), "
         f"{args.prompts_per_step} prompts × {args.samples} samples = {n} completions/step, "
         f"max {args.max_tokens} new tokens, micro-batch {args.micro_batch}; TRL {threads} threads, posttrain "
         f"engine {args.posttrain_cpus} + learner {args.posttrain_cpus}"
@@ -355,7 +358,8 @@ def main() -> None:
     )
     print("phases: median seconds per step; tok/s: generated tokens / step time; gen tok/s: / generate time")
     common.print_table(COLUMNS, FORMATS, [table_row(ours), table_row(trl)])
-    print(f"ratio posttrain/TRL seconds per step = {ratio:.3f}× (goal ≤ 0.5×)")
+    memory = ours.peak_gib / trl.peak_gib
+    print(f"ratio posttrain/TRL seconds per step = {ratio:.3f}×, learner peak memory = {memory:.2f}×")
     summary = {
         "args": common.args_json(args),
         "threads": threads,
@@ -364,6 +368,7 @@ def main() -> None:
         "prompt_check": check,
         "results": [asdict(ours), asdict(trl)],
         "ratio_seconds_per_step": ratio,
+        "ratio_peak_memory": memory,
     }
     common.write_json(args.out / "grpo_bench.json", summary)
 

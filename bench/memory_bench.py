@@ -44,9 +44,20 @@ HEAD_DIM = 128  # Qwen3's
 WARMUP_SHAPE = (1, 16)  # B, T of the untimed first pass
 ENTROPY_COEF = 0.01
 TOP_K = 16
+MODEL_ALONE = "model"
 OBJECTIVES = ("sft", "rl", "rl_entropy", "distill_topk16", "distill_sampled")
-COLUMNS = ["objective", "peak GiB", "B/(tok·V)", "forward", "loss", "held", "backward", "seconds"]
-FORMATS = ["<16", ">8.2f", ">9.2f", ">7.2f", ">6.2f", ">6.2f", ">8.2f", ">7.1f"]
+COLUMNS = [
+    "objective",
+    "peak GiB",
+    "B/(tok·V)",
+    "above model",
+    "forward",
+    "loss",
+    "held",
+    "backward",
+    "seconds",
+]
+FORMATS = ["<16", ">8.2f", ">9.2f", ">11.2f", ">7.2f", ">6.2f", ">6.2f", ">8.2f", ">7.1f"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,7 +70,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--count-logits", action="store_true", help="the logits tensor is part of the baseline")
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
-    p.add_argument("--measure", choices=OBJECTIVES, help=argparse.SUPPRESS)  # the child's one objective
+    p.add_argument(
+        "--measure", choices=(MODEL_ALONE, *OBJECTIVES), help=argparse.SUPPRESS
+    )  # the child's one objective
     return common.parse(p)
 
 
@@ -149,7 +162,22 @@ def distill_sampled_batch(ids: Tensor) -> tuple[Objective, Tensors]:
     return DistillObjective(LossConfig(type="reverse_kl", estimator="sampled")), batch
 
 
+@dataclass(frozen=True)
+class ModelAlone:
+    """The model's own pass: the loss of one position per row (the forward keeps only the last logits),
+    so its peak is the body's activations and backward and the weights' gradients, LM head's included,
+    with nothing vocabulary-wide per token."""
+
+    def __call__(self, logits: Tensor, input_ids: Tensor, batch: Tensors, norms: Any) -> Any:
+        return logits.float().logsumexp(dim=-1).sum(), {}
+
+
+def model_alone_batch(ids: Tensor) -> tuple[Objective, Tensors]:
+    return ModelAlone(), {}
+
+
 BATCHES: dict[str, Callable[[Tensor], tuple[Objective, Tensors]]] = {
+    MODEL_ALONE: model_alone_batch,
     "sft": sft_batch,
     "rl": rl_batch(0.0),
     "rl_entropy": rl_batch(ENTROPY_COEF),
@@ -196,7 +224,10 @@ def one_pass(model: Any, name: str, shape: tuple[int, int], device: str) -> tupl
     ids = torch.randint(VOCAB, shape, device=device)
     objective, batch = BATCHES[name](ids)
     norms = Norms(tokens=float(b * (t - 1)), seqs=float(b), norm_length=float(t - 1))
-    logits, forward = measured(device, lambda: model(input_ids=ids, use_cache=False).logits)
+    keep = 1 if name == MODEL_ALONE else 0  # 0: every position's logits
+    logits, forward = measured(
+        device, lambda: model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    )
     (loss, _), loss_phase = measured(device, lambda: objective(logits, ids, batch, norms))
     _, backward = measured(device, loss.backward)  # the logits stay alive, as in Learner.step
     return {
@@ -237,9 +268,12 @@ def run_child(args: argparse.Namespace, name: str, folder: Path) -> dict[str, An
 # ----------------------------------------------------------------------------------------------- report
 
 
-def summarise(args: argparse.Namespace, name: str, child: dict[str, Any]) -> dict[str, Any]:
+def summarise(
+    args: argparse.Namespace, name: str, child: dict[str, Any], model_peak: float = 0.0
+) -> dict[str, Any]:
     """Figures of one objective: every phase's peak (and what the objective holds after its call) above
-    the baseline, in bytes per (loss token × vocabulary entry), and the whole pass's peak."""
+    the baseline, in bytes per (loss token × vocabulary entry), the whole pass's peak, and that peak above
+    the model's own pass's (`model_peak`, in the same unit)."""
     phases = {k: Phase(**v) for k, v in child["phases"].items()}
     baseline = phases["forward"].start + (child["logits_bytes"] if args.count_logits else 0)
     unit = args.batch * (args.seq_len - 1) * VOCAB
@@ -250,6 +284,7 @@ def summarise(args: argparse.Namespace, name: str, child: dict[str, Any]) -> dic
         "baseline_bytes": baseline,
         "peak_above_baseline_bytes": peak,
         "bytes_per_token_vocab": peak / unit,
+        "above_model_bytes_per_token_vocab": peak / unit - model_peak,
         "phase_peak_bytes_per_token_vocab": above,
         "held_after_loss_bytes_per_token_vocab": (phases["loss"].end - baseline) / unit,
         "seconds": sum(p.seconds for p in phases.values()),
@@ -261,8 +296,18 @@ def table_row(s: dict[str, Any]) -> list[Any]:
     phase = s["phase_peak_bytes_per_token_vocab"]
     held = s["held_after_loss_bytes_per_token_vocab"]
     gib = s["peak_above_baseline_bytes"] / 2**30
-    bpv = s["bytes_per_token_vocab"]
-    return [s["objective"], gib, bpv, phase["forward"], phase["loss"], held, phase["backward"], s["seconds"]]
+    bpv, own = s["bytes_per_token_vocab"], s["above_model_bytes_per_token_vocab"]
+    return [
+        s["objective"],
+        gib,
+        bpv,
+        own,
+        phase["forward"],
+        phase["loss"],
+        held,
+        phase["backward"],
+        s["seconds"],
+    ]
 
 
 def main() -> None:
@@ -273,20 +318,24 @@ def main() -> None:
         common.write_json(folder / f"{args.measure}.json", measure(args))
         return
     log = common.RunLog()
-    summaries = [summarise(args, n, log.run(n, n, run_child, args, n, folder)) for n in args.objectives]
+    alone = summarise(
+        args, MODEL_ALONE, log.run(MODEL_ALONE, MODEL_ALONE, run_child, args, MODEL_ALONE, folder)
+    )
+    own = alone["bytes_per_token_vocab"]
+    summaries = [alone] + [
+        summarise(args, n, log.run(n, n, run_child, args, n, folder), own) for n in args.objectives
+    ]
     tokens = args.batch * (args.seq_len - 1)
     baseline = "weights + gradient buffers + inputs" + (" + the logits tensor" if args.count_logits else "")
     print(
         f"\nMemory bench: V = {VOCAB}, hidden {args.hidden}, {args.layers} layer(s), {args.dtype} on "
         f"{args.device}, B × T = {args.batch} × {args.seq_len} ({tokens} loss tokens); "
         f"1 B/(tok·V) = {tokens * VOCAB / 2**30:.2f} GiB; logits tensor "
-        f"{summaries[0]['logits_bytes'] / (tokens * VOCAB):.2f} B/(tok·V); baseline: {baseline} "
+        f"{summaries[1]['logits_bytes'] / (tokens * VOCAB):.2f} B/(tok·V); baseline: {baseline} "
         f"({summaries[0]['baseline_bytes'] / 2**30:.2f} GiB)"
     )
-    print(
-        "B/(tok·V): the pass's peak above the baseline; forward / loss / backward: each phase's peak; held:"
-    )
-    print("in use when the objective returns (what autograd keeps for backward, the logits included)")
+    print("B/(tok·V): the pass's peak above the baseline; above model: above the model's own pass (`model`);")
+    print("forward / loss / backward: each phase's peak; held: in use when the objective returns")
     common.print_table(COLUMNS, FORMATS, [table_row(s) for s in summaries])
     summary = {"args": common.args_json(args), "load_avg": log.load_avg, "results": summaries}
     common.write_json(args.out / "memory_bench.json", summary)

@@ -1,8 +1,9 @@
 """Rollout speed: posttrain's vLLM engine actor against bare `vllm.LLM.generate`, and learner -> engine weight
 sync against this machine's memory-copy bandwidth, measured in one run.
 
-    python bench/rollout_bench.py [--size tiny|small|qwen3-0.6b] [--prompts 64] [--n 8] [--max-tokens 128]
-                                  [--repeats 3] [--sync-repeats 5] [--bucket-mb 64] [--out runs/bench]
+    python bench/rollout_bench.py [--size tiny|small|qwen3-0.6b [--layers N]] [--prompts 64] [--n 8]
+                                  [--max-tokens 128] [--repeats 3] [--sync-repeats 5] [--bucket-mb 64]
+                                  [--out runs/bench]
 
 Generation: the same arithmetic prompts (rendered by the model's chat template in thinking mode, as token ids),
 the same sampling parameters (n samples, temperature 1, a fixed seed per prompt, `ignore_eos` so every sample
@@ -21,7 +22,15 @@ NumPy's copy of a 1 GiB buffer (one thread) and torch's `copy_` (all threads). T
 engine's clocks split the last plain sync into phases. `--size qwen3-0.6b`: Qwen3-0.6B's shape in fp32
 (2.4 GB on disk, 3.0 GB loaded), best with `--skip-generation`.
 
-Prints tables and ratios; writes them to `OUT/rollout_bench.json` under the model size's key.
+Multi-turn (`--multi-turn`, run on its own): the micro text model overfit to call the calculator
+(`posttrain.synthetic.tool_policy`) samples tool episodes (`RolloutGroup.generate(requests, tools)`:
+turn, calculator call in the tool pool, tool turn, final turn) at temperature 1; then the same prompts
+single-turn with `ignore_eos` and `max_tokens` equal to the episodes' mean sampled tokens per sample, so
+both sides generate the same number of tokens. Tokens/s counts sampled tokens only (tool turns are
+prefilled, not generated). Goal: multi-turn ≥ 0.8× single-turn.
+
+Prints tables and ratios; writes them to `OUT/rollout_bench.json` under the model size's key (multi-turn:
+under `multi_turn`).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ PROBE_EXTRA_TOKENS = 32  # the probe: the first prompt plus this many sampled to
 
 def parse_args() -> argparse.Namespace:
     p = common.parser(__doc__)
-    common.add_size(p, "tiny", real_shape=True)
+    common.add_size(p, "tiny")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -58,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs and threads per actor")
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
+    p.add_argument("--multi-turn", action="store_true", help="only the multi-turn vs single-turn comparison")
     args = common.parse(p)
     if args.repeats < 1 or args.sync_repeats < 1:
         p.error("--repeats and --sync-repeats must be at least 1")
@@ -394,13 +404,143 @@ def report_sync(s: dict[str, Any]) -> None:
         print(f"  {side:<7}" + "  ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
 
 
+# ------------------------------------------------------------------------------------------- multi-turn
+
+
+def calculator_chats(count: int) -> list[list[dict[str, Any]]]:
+    """Thinking-mode conversations that add two numbers with one calculator call."""
+    chats = []
+    for i in range(count):
+        a, b = 17 * i + 23, 31 * i + 58
+        call = {
+            "type": "function",
+            "function": {"name": "calculator", "arguments": {"expression": f"{a}+{b}"}},
+        }
+        chats.append(
+            [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "reasoning_content": f"I add {a} and {b}.",
+                    "tool_calls": [call],
+                },
+                {"role": "tool", "content": str(a + b)},
+                {"role": "assistant", "content": str(a + b), "reasoning_content": "The tool gave the sum."},
+            ]
+        )
+    return chats
+
+
+def bench_multi_turn(args: argparse.Namespace) -> dict[str, Any]:
+    from posttrain.rewards.tools import load_tools
+    from posttrain.rollout import RolloutGroup, RolloutRequest
+    from posttrain.rollout.config import ToolsConfig
+    from posttrain.synthetic.models import build_tiny_model
+    from posttrain.synthetic.tool_policy import tool_policy
+    from posttrain.workers import init_ray
+
+    schemas = load_tools(["calculator"]).schemas
+    chats = calculator_chats(16)
+    base = build_tiny_model(args.out / "tools-micro", "text", "micro", tools=True)  # overfits in seconds
+    policy = tool_policy(base, args.out / "tools-micro-policy", chats, schemas)
+    init_ray(None, num_cpus=args.threads)
+    engines = RolloutGroup(
+        str(policy),
+        1,
+        num_cpus=args.threads,
+        name="multi-turn-bench",
+        seed=0,
+        max_model_len=args.max_model_len,
+    )
+    tok = load_tokenizer(policy)
+    prompts = [
+        tok.encode(
+            tok.apply_chat_template(
+                chats[i % len(chats)][:1], tools=schemas, add_generation_prompt=True, tokenize=False
+            ),
+            add_special_tokens=False,
+        )
+        for i in range(args.prompts)
+    ]
+    tools = ToolsConfig(
+        names=["calculator"], max_turns=3, max_episode_tokens=args.max_model_len - max(map(len, prompts))
+    )
+    episodes = [
+        RolloutRequest(p, n=args.n, max_tokens=args.max_tokens, seed=i, thinking=True)
+        for i, p in enumerate(prompts)
+    ]
+    times: dict[str, list[float]] = {"multi_turn": [], "single_turn": []}
+    tokens: dict[str, int] = {}
+    try:
+        for rep in range(args.repeats + 1):  # rep 0: warm-up (and it fixes the single-turn length)
+            t0 = time.perf_counter()
+            samples = [s for r in engines.generate(episodes, tools) for s in r.samples]
+            seconds = time.perf_counter() - t0
+            tokens["multi_turn"] = sum(len(s.token_ids) - len(s.forced) for s in samples)
+            calls = sum(len(s.tool_calls) for s in samples) / len(samples)
+            if rep == 0:
+                per_sample = max(1, round(tokens["multi_turn"] / len(samples)))
+                single = [
+                    RolloutRequest(p, n=args.n, max_tokens=per_sample, seed=i, ignore_eos=True)
+                    for i, p in enumerate(prompts)
+                ]
+            t1 = time.perf_counter()
+            tokens["single_turn"] = sum(len(s.token_ids) for r in engines.generate(single) for s in r.samples)
+            single_seconds = time.perf_counter() - t1
+            if rep > 0:
+                times["multi_turn"].append(seconds)
+                times["single_turn"].append(single_seconds)
+            print(
+                f"  repeat {rep}: multi-turn {seconds:.2f} s ({calls:.2f} calls/episode), single-turn {single_seconds:.2f} s",
+                flush=True,
+            )
+    finally:
+        engines.shutdown()
+    side = {
+        k: {"median_s": median(v), "tokens": tokens[k], "tokens_per_s": tokens[k] / median(v)}
+        for k, v in times.items()
+    }
+    return {
+        **side,
+        "samples": len(samples),
+        "calls_per_episode": calls,
+        "turns_per_episode": sum(len(s.turn_starts) for s in samples) / len(samples),
+        "ratio_tokens_per_s": side["multi_turn"]["tokens_per_s"] / side["single_turn"]["tokens_per_s"],
+    }
+
+
+def load_tokenizer(model: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def report_multi_turn(m: dict[str, Any]) -> None:
+    print(
+        f"\nMulti-turn: {m['samples']} episodes, {m['turns_per_episode']:.2f} turns and {m['calls_per_episode']:.2f} "
+        "calculator calls each, against single-turn at equal generated tokens"
+    )
+    common.print_table(
+        ("side", "median s", "tokens", "tokens/s"),
+        ("<14", ">9.3f", ">7", ">9.0f"),
+        [(k, m[k]["median_s"], m[k]["tokens"], m[k]["tokens_per_s"]) for k in ("multi_turn", "single_turn")],
+    )
+    print(f"ratio multi-turn/single-turn tokens/s = {m['ratio_tokens_per_s']:.3f}× (goal ≥ 0.8×)")
+
+
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.multi_turn:
+        result = bench_multi_turn(args)
+        report_multi_turn(result)
+        save_result(args.out / "rollout_bench.json", "multi_turn", {"args": common.args_json(args), **result})
+        return
     from posttrain.rollout import RolloutGroup, RolloutRequest
     from posttrain.workers import init_ray
 
-    model = common.bench_model(args.out, args.size)
+    model = common.bench_model(args.out, args.size, args.layers)
     prompts = common.arithmetic_prompt_ids(model, args.prompts)
     load = {"before": common.load_1m()}
     init_ray(None, num_cpus=3 * args.threads)  # bare engine, posttrain engine, learner: one at a time busy
@@ -431,19 +571,23 @@ def main() -> None:
     summary["load_avg_1m"] = load
 
     print(
-        f"\nRollout bench: {args.size} model, {args.threads} threads per actor; 1-min load average "
-        f"before/after {load['before']}/{load['after']} (the run itself adds ~{args.threads})"
+        f"\nRollout bench: {common.size_label(args)} model, {args.threads} threads per actor; 1-min load "
+        f"average before/after {load['before']}/{load['after']} (the run itself adds ~{args.threads})"
     )
     if "generation" in summary:
         report_generation(summary["generation"], args)
     if "sync" in summary:
         report_sync(summary["sync"])
-    path = args.out / "rollout_bench.json"  # one entry per model size: runs of both sizes share the file
+    # one entry per model size: runs of both sizes share the file
+    save_result(args.out / "rollout_bench.json", args.size, summary)
+
+
+def save_result(path: Path, key: str, value: dict[str, Any]) -> None:
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         results = {}
-    results[args.size] = summary
+    results[key] = value
     common.write_json(path, results)
 
 

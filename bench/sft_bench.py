@@ -40,10 +40,11 @@ class Result:
     loss_tokens_per_s: float
     padding_fraction: float
     final_loss: float
+    peak_gib: float  # the training process's peak resident memory over the timed steps
 
 
-COLUMNS = ("trainer", "steps", "median s", "tokens/s", "loss tok/s", "padding", "loss")
-FORMATS = ("<10", ">5", ">9.3f", ">9.0f", ">10.0f", ">8.1%", ">7.4f")
+COLUMNS = ("trainer", "steps", "median s", "tokens/s", "loss tok/s", "padding", "loss", "peak GiB")
+FORMATS = ("<10", ">5", ">9.3f", ">9.0f", ">10.0f", ">8.1%", ">7.4f", ">8.2f")
 
 
 @dataclass
@@ -66,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     return common.parse(p)
 
 
-def summarise(trainer: str, steps: list[StepCounts], final_loss: float) -> Result:
+def summarise(trainer: str, steps: list[StepCounts], final_loss: float, peak_gib: float) -> Result:
     seconds = sum(s.seconds for s in steps)
     real, positions = sum(s.real_tokens for s in steps), sum(s.positions for s in steps)
     return Result(
@@ -77,6 +78,7 @@ def summarise(trainer: str, steps: list[StepCounts], final_loss: float) -> Resul
         loss_tokens_per_s=sum(s.loss_tokens for s in steps) / seconds,
         padding_fraction=1 - real / positions,
         final_loss=final_loss,
+        peak_gib=peak_gib,
     )
 
 
@@ -126,7 +128,8 @@ def run_posttrain(args: argparse.Namespace, model: Path, data: Path, threads: in
         steps.append(
             StepCounts(r["step_seconds"], real, round(real / (1 - r["padding_fraction"])), r["loss_tokens"])
         )
-    return summarise("posttrain", steps, records[-1]["loss"])
+    timed = records[WARMUP_STEPS:]
+    return summarise("posttrain", steps, records[-1]["loss"], common.posttrain_peak_gib(timed))
 
 
 # ----------------------------------------------------------------------------------------------------- TRL
@@ -212,7 +215,8 @@ def run_trl(args: argparse.Namespace, model: Path, data: Path) -> tuple[Result, 
     trainer = make_trl_trainer(args, model, rows)
     check = check_tokens(trainer, rows, data, args.max_length)
     trainer.train()
-    return summarise("TRL", trainer.steps[WARMUP_STEPS:], trainer.losses[-1]), check
+    peak = max(trainer.peak_gib[WARMUP_STEPS:])
+    return summarise("TRL", trainer.steps[WARMUP_STEPS:], trainer.losses[-1], peak), check
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -222,7 +226,7 @@ def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     threads = common.use_all_cores()  # TRL's; posttrain's learner sets the same from cpus_per_learner
-    model, data = common.tiny_model(args.out, args.size), common.arithmetic_task(args.out)
+    model, data = common.bench_model(args.out, args.size, args.layers), common.arithmetic_task(args.out)
     log = common.RunLog(common.load_1m)
     trl, check = log.run("trl", "between", run_trl, args, model, data)
     ours = log.run("posttrain", "after", run_posttrain, args, model, data, threads)
@@ -230,7 +234,7 @@ def main() -> None:
     ratio = ours.tokens_per_s / trl.tokens_per_s
 
     print(
-        f"\nSFT bench: {args.size} model, {args.steps} steps ({WARMUP_STEPS} untimed), global batch "
+        f"\nSFT bench: {common.size_label(args)} model, {args.steps} steps ({WARMUP_STEPS} untimed), global batch "
         f"{args.global_batch}, micro {args.micro_batch}, max_length {args.max_length}, "
         f"packing {'on' if args.packing else 'off'}, {threads} threads; 1-min load average before/between/after "
         f"{load['before']}/{load['between']}/{load['after']} (the run itself adds ~{threads})"
@@ -240,7 +244,8 @@ def main() -> None:
         f"{check['labels_equal']}, TRL's extra trailing tokens per sample (no loss): {check['trl_extra_tokens']}"
     )
     common.print_table(COLUMNS, FORMATS, [astuple(ours), astuple(trl)])
-    print(f"ratio posttrain/TRL tokens/s = {ratio:.2f}×")
+    memory = ours.peak_gib / trl.peak_gib
+    print(f"ratio posttrain/TRL tokens/s = {ratio:.2f}×, peak memory = {memory:.2f}×")
     summary = {
         "args": common.args_json(args),
         "threads": threads,
@@ -249,6 +254,7 @@ def main() -> None:
         "token_check": check,
         "results": [asdict(ours), asdict(trl)],
         "ratio_tokens_per_s": ratio,
+        "ratio_peak_memory": memory,
     }
     common.write_json(args.out / "sft_bench.json", summary)
 

@@ -180,6 +180,11 @@ class DistillConfig(TrainingStage):
                 f"loss.estimator=sampled needs mode=on_policy and loss.type=reverse_kl (got mode={mode}, "
                 f"loss.type={loss.type}); use loss.estimator=topk"
             )
+        if self.rollout.colocate:
+            raise ValueError(
+                "rollout.colocate is supported by `posttrain rl` only so far (on-policy distillation's "
+                "teacher engines would need a share of the device too): set rollout.colocate: false"
+            )
         if mode == "on_policy":
             if self.train.max_steps is None:
                 raise ValueError("mode=on_policy needs train.max_steps")

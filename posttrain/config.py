@@ -123,6 +123,10 @@ class ModelConfig(Strict):
     """Do not train the vision encoder and merger of a VL model."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    logits_chunk_mib: float = Field(64.0, gt=0)
+    """The learners' loss path computes the LM head's logits for this many MiB of positions at a time
+    (counted in fp32; ~110 positions at Qwen3's vocabulary) and again in backward, never all positions'
+    logits at once. Smaller holds less memory; larger makes fewer passes over the head's weight."""
     lora: Lora | None = None
     """Train LoRA adapters instead of all weights."""
 
@@ -148,6 +152,10 @@ class DatasetSpec(Strict):
     """The reward that scores an answer when this dataset is evaluated (named as in `rewards:`; an
     answer it gives 1.0 is correct). Default: the dataset's own, from its folder's `task.json` or its
     builder, else `exact_match` with `solution`."""
+    tools: list[str] | None = None
+    """SFT: tool plugins (named as RL names its tools) whose schemas the chat template declares to rows
+    without a `tools` column. Default: those of the folder's `task.json`, else none; `[]` declares none
+    (the no-tool baseline on a tool task's prompts). RL declares the tools of its `tools:` section."""
 
 
 class DataConfig(Strict):

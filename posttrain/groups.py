@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from posttrain.config import TrainingStage
-from posttrain.learner import Batch, Learner, Reference
+from posttrain.learner import Batch, Learner, Reference, ResidentMemory
 from posttrain.objectives import Norms, Objective, StepStats, reduce_ranks
 from posttrain.weight_transfer import RayEngineClient
 from posttrain.weights import SyncManifest
-from posttrain.workers import WorkerGroup, resolve_device, split_evenly
+from posttrain.workers import COLOCATED_GPU_SHARE, SharedPlacement, WorkerGroup, resolve_device, split_evenly
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -65,16 +65,25 @@ def _gathered_logprobs(
 class LearnerGroup:
     """`learners.num_learners` Learner actors: one DeepSpeed data-parallel group."""
 
-    def __init__(self, cfg: TrainingStage, model_path: str, is_vl: bool, total_steps: int) -> None:
+    def __init__(
+        self,
+        cfg: TrainingStage,
+        model_path: str,
+        is_vl: bool,
+        total_steps: int,
+        placement: SharedPlacement | None = None,
+    ) -> None:
+        """`placement`: rank i shares bundle i (and its GPU) with engine i (`rollout.colocate`)."""
         lc = cfg.learners
         self.workers = WorkerGroup(
             Learner,
             lc.num_learners,
             num_cpus=lc.cpus_per_learner,
-            num_gpus=lc.gpus_per_learner,
+            num_gpus=COLOCATED_GPU_SHARE if placement else lc.gpus_per_learner,
             device=resolve_device(cfg.device),
             name="learner",
             init_args=(cfg.stage, cfg.model_dump(mode="json"), model_path, is_vl, total_steps),
+            placement=placement,
         )
 
     def __len__(self) -> int:
@@ -124,6 +133,14 @@ class LearnerGroup:
         manifest of what was sent."""
         args = (client, client.version, bucket_mb, slots, include_frozen)
         return next(o for o in self.workers.call("send_weights", *args) if o is not None)
+
+    def offload_states(self) -> list[ResidentMemory]:
+        """Every rank moves its optimizer states to host memory (colocation: the engine generates next)."""
+        return self.workers.call("offload_states")
+
+    def reload_states(self) -> list[ResidentMemory]:
+        """Every rank moves them back (the learners train next)."""
+        return self.workers.call("reload_states")
 
     def shutdown(self) -> None:
         self.workers.shutdown()

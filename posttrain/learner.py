@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from posttrain.checkpoint import capture_rng, load_state, restore_rng, save_state
 from posttrain.config import TrainingStage, stage_model
-from posttrain.losses import lr_multiplier, next_token_logprobs
-from posttrain.memory import PeakMemory
+from posttrain.loss_head import TokenTerms, per_token
+from posttrain.losses import NextTokenLogprobs, lr_multiplier
+from posttrain.memory import PeakMemory, rss_bytes
 from posttrain.metrics import quiet_libraries
 from posttrain.objectives import Norms, Objective, StepStats, merge_stats
 from posttrain.weight_transfer import EngineClient, ShmSender, send_module
@@ -31,6 +34,21 @@ DS_TAG = "deepspeed"
 Batch = dict[str, "torch.Tensor"]
 """A collated micro-batch: name -> tensor."""
 log = logging.getLogger(__name__)
+OFFLOADED_STATES = ("optim_states", "hp_params", "lp_grads", "contiguous_grad_buffer")
+"""What a colocated learner moves to host memory while its engine generates: everything but the bf16/fp32
+model weights (`lp_params`), which the weight sync and the probe read in the meantime."""
+
+
+@dataclass(frozen=True)
+class ResidentMemory:
+    """A learner's memory after an offload or reload: `used_bytes` of `total_bytes` (on CUDA the whole
+    device's, measured before its engine starts so all of it is the learner's; on the CPU this process's
+    RSS of the host's memory), the optimizer-state bytes moved and the seconds it took."""
+
+    used_bytes: int
+    total_bytes: int
+    moved_bytes: int
+    seconds: float
 
 
 def deepspeed_config(cfg: TrainingStage) -> dict[str, Any]:
@@ -175,12 +193,12 @@ class Learner:
 
     def _backward(self, batch: Batch, norms: Norms, objective: Objective, scale: float) -> dict[str, float]:
         """Forward and backward of one micro-batch, its statistics as floats. Its own function so the
-        logits are freed when it returns, not held through the next micro-batch's forward."""
+        activations are freed when it returns, not held through the next micro-batch's forward."""
         inputs, rest = split_model_inputs(batch, self.device)
-        # No KV cache: with one, transformers stops reading packed rows' position ids as sample
-        # boundaries and samples would attend to each other.
-        logits = self.engine(**inputs, use_cache=False).logits
-        loss, stats = objective(logits, inputs["input_ids"], rest, norms)
+        ids = inputs["input_ids"]
+        request = objective.terms(ids, rest, norms)
+        values = per_token(self.engine, inputs, request, self.cfg.model.logits_chunk_mib)
+        loss, stats = objective(values, ids, rest, norms)
         self.engine.backward(loss * scale)
         return {**{k: float(v) for k, v in stats.items()}, "loss": float(loss.detach())}
 
@@ -193,8 +211,12 @@ class Learner:
 
         module = self.engine.module
         adapter_off = module.disable_adapter() if base_model else contextlib.nullcontext()
+        chunk_mib = self.cfg.model.logits_chunk_mib
         with adapter_off:
-            return [_next_token_logprobs(self.engine, batch, self.device, temperature) for batch in batches]
+            return [
+                _next_token_logprobs(self.engine, batch, self.device, chunk_mib, temperature)
+                for batch in batches
+            ]
 
     # ----------------------------------------------------------------------------------------- weights
 
@@ -215,6 +237,52 @@ class Learner:
             else:
                 manifest.held = dict(self._frozen)
         return manifest
+
+    # -------------------------------------------------------------------------------------- colocation
+
+    def offload_states(self) -> ResidentMemory:
+        """Optimizer states (and gradient buffers) to host memory with DeepSpeed's `offload_states`, so
+        the colocated engine can wake; the weights stay. Without a ZeRO optimizer (ZeRO-0 on the CPU,
+        where both live in host memory anyway) nothing moves."""
+        t0 = time.perf_counter()
+        if self._zero_optimizer() is not None:
+            from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
+
+            include = [OffloadStateTypeEnum(name) for name in OFFLOADED_STATES]
+            pin = self.device == "cuda"  # pinned host buffers make the reload an async copy
+            self.engine.offload_states(include=include, device=OffloadDeviceEnum.cpu, pin_memory=pin)
+        return self._resident(time.perf_counter() - t0)
+
+    def reload_states(self) -> ResidentMemory:
+        """The offloaded states back on the device before training."""
+        t0 = time.perf_counter()
+        if self._zero_optimizer() is not None:
+            self.engine.reload_states()
+        return self._resident(time.perf_counter() - t0)
+
+    def _zero_optimizer(self) -> Any:
+        """DeepSpeed's ZeRO optimizer when it can offload; an error on CUDA when it cannot."""
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "offload_states"):
+            return optimizer
+        if self.device == "cuda":
+            raise RuntimeError(
+                f"{type(optimizer).__name__} has no offload_states: colocation needs learners.zero_stage >= 1 "
+                "(>= 2 with bfloat16)"
+            )
+        return None
+
+    def _resident(self, seconds: float) -> ResidentMemory:
+        moved = _state_bytes(self._zero_optimizer())
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # freed blocks back to the device, or the engine cannot have them
+            free, total = torch.cuda.mem_get_info()
+            return ResidentMemory(total - free, total, moved, seconds)
+        host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return ResidentMemory(rss_bytes(), host_total, moved, seconds)
 
     # ---------------------------------------------------------------------------------------- generation
 
@@ -304,7 +372,7 @@ def split_model_inputs(batch: Batch, device: str) -> tuple[Batch, Batch]:
 
 
 def _next_token_logprobs(
-    model: torch.nn.Module, batch: Batch, device: str, temperature: float = 1.0
+    model: torch.nn.Module, batch: Batch, device: str, chunk_mib: float, temperature: float
 ) -> torch.Tensor:
     import torch
 
@@ -313,9 +381,12 @@ def _next_token_logprobs(
     module.eval()
     with torch.no_grad():
         inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-        logits = model(**inputs, use_cache=False).logits
+        targets = inputs["input_ids"][:, 1:]
+        every = torch.ones_like(targets, dtype=torch.bool)
+        request = TokenTerms(every, {"targets": targets}, NextTokenLogprobs(temperature))
+        logp = per_token(model, inputs, request, chunk_mib)["logp"]
     module.train(was_training)
-    return next_token_logprobs(logits / temperature, inputs["input_ids"]).cpu()
+    return logp.cpu()
 
 
 class Reference:
@@ -325,6 +396,7 @@ class Reference:
     def __init__(self, stage: str, cfg_dict: Mapping[str, object], model_path: str, is_vl: bool) -> None:
         cfg = stage_model(stage).model_validate(cfg_dict)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"lora": None})})
+        self.chunk_mib = cfg.model.logits_chunk_mib
         self.device = resolve_device(cfg.device)  # threads: OMP_NUM_THREADS from the WorkerGroup
         model = load_model(cfg, model_path, is_vl, self.device)
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -332,7 +404,10 @@ class Reference:
     def logprobs(
         self, batches: list[Batch], base_model: bool = False, temperature: float = 1.0
     ) -> list[torch.Tensor]:
-        return [_next_token_logprobs(self.model, batch, self.device, temperature) for batch in batches]
+        return [
+            _next_token_logprobs(self.model, batch, self.device, self.chunk_mib, temperature)
+            for batch in batches
+        ]
 
 
 def _make_optimizer(cfg: TrainingStage, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -369,6 +444,18 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
     grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _state_bytes(optimizer: Any) -> int:
+    """Bytes of a ZeRO optimizer's fp32 partitions and Adam moments (0 without one)."""
+    import torch
+
+    if optimizer is None:
+        return 0
+    base = getattr(optimizer, "optimizer", optimizer)
+    tensors = [t for state in base.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += list(getattr(optimizer, "single_partition_of_fp32_groups", []))
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _strip_after_eos(ids: list[int], eos: int) -> list[int]:

@@ -3,33 +3,45 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+    from posttrain.loss_head import Tensors
 
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token negative log-likelihood over positions whose label is not -100.
 
-    `labels` are aligned with `logits` position by position (labels[t] is the token at t); the shift to
-    next-token targets happens here. Returns (sum, number of target tokens). Summing rather than averaging
-    lets the caller normalise by the token count of the whole global batch, which makes the loss
-    independent of how the batch is split across learners and micro-batches.
-    """
+def fp32_at_least(x: torch.Tensor) -> torch.Tensor:
     import torch
 
-    mask = labels[:, 1:] != -100
-    picked = next_token_logprobs(logits, labels.clamp(min=0))
-    return -torch.where(mask, picked, 0.0).sum(), int(mask.sum())
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(tokens[:, t+1] | ≤ t) for every position, in fp32: [B, T-1]."""
-    import torch.nn.functional as F
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in fp32 at least; at temperature 1 the logits themselves (x / 1 is x: no
+    [rows, V] copy to hold, in forward or in backward)."""
+    logits = fp32_at_least(logits)
+    return logits if temperature == 1.0 else logits / temperature
 
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[...]: log softmax(logits)[target] of each row of `logits` [..., V], in fp32 at least."""
+    import torch
+
+    logp = torch.log_softmax(fp32_at_least(logits), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class NextTokenLogprobs:
+    """The row function (see posttrain.loss_head) of the learner's logprobs and SFT's NLL: `logp`, each
+    row's target token's log-probability under softmax(logits / temperature)."""
+
+    temperature: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, inputs: Tensors, stats: bool) -> tuple[Tensors, Tensors]:
+        return {"logp": token_logprobs(tempered(logits, self.temperature), inputs["targets"])}, {}
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:

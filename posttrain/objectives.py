@@ -1,12 +1,15 @@
 """What the learner's one step optimises: an objective, the global counts it normalises by, and the
 statistics it returns.
 
-An objective is a typed, picklable value (a dataclass holding its own config) called on one micro-batch:
-`objective(logits, input_ids, batch, norms) -> (loss, stats)`, where `batch` holds the keys the model's
-forward does not take and `loss` is this micro-batch's share of the global loss (already divided by the
-global counts in `norms`, so any split over ranks and micro-batches sums to the same value). Stages define
-their objectives (rl/objective.py, distill/objective.py) and pass them to the learner group; Ray carries
-each by reference to its module, so the learner never imports a stage. NLL, SFT's, lives here.
+An objective is a typed, picklable value (a dataclass holding its own config) with two calls per
+micro-batch. `objective.terms(input_ids, batch, norms)` says what the LM head computes per position (a
+`loss_head.TokenTerms`: the positions that carry loss and a row function of a chunk's logits), and
+`objective(per_token, input_ids, batch, norms) -> (loss, stats)` makes the loss of those per-position values
+(name -> [B, T-1], 0 off the positions), so no objective sees the full logits. `batch` holds the keys the
+model's forward does not take and `loss` is this micro-batch's share of the global loss (already divided by
+the global counts in `norms`, so any split over ranks and micro-batches sums to the same value). Stages
+define their objectives (rl/objective.py, distill/objective.py) and pass them to the learner group; Ray
+carries each by reference to its module, so the learner never imports a stage. NLL, SFT's, lives here.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from posttrain.losses import token_nll_sum
+from posttrain.loss_head import Tensors, TokenTerms
+from posttrain.losses import NextTokenLogprobs
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-Tensors = dict[str, "Tensor"]
 Loss = tuple["Tensor", Tensors]
 """(this micro-batch's share of the loss, summed statistics)."""
 
@@ -37,17 +40,23 @@ class Norms:
 
 
 class Objective(Protocol):
-    def __call__(self, logits: Tensor, input_ids: Tensor, batch: Tensors, norms: Norms) -> Loss: ...
+    def terms(self, input_ids: Tensor, batch: Tensors, norms: Norms) -> TokenTerms: ...
+
+    def __call__(self, per_token: Tensors, input_ids: Tensor, batch: Tensors, norms: Norms) -> Loss: ...
 
 
 @dataclass(frozen=True)
 class NLL:
     """Next-token negative log-likelihood on the positions whose label is not -100 (SFT)."""
 
-    def __call__(self, logits: Tensor, input_ids: Tensor, batch: Tensors, norms: Norms) -> Loss:
+    def terms(self, input_ids: Tensor, batch: Tensors, norms: Norms) -> TokenTerms:
+        targets = batch["labels"][:, 1:]  # labels[t] is the token at t
+        return TokenTerms(targets != -100, {"targets": targets}, NextTokenLogprobs())
+
+    def __call__(self, per_token: Tensors, input_ids: Tensor, batch: Tensors, norms: Norms) -> Loss:
         import torch
 
-        nll, _ = token_nll_sum(logits, batch["labels"])
+        nll = -per_token["logp"].sum()
         padded = torch.tensor(float(input_ids.numel()))
         return nll * (1.0 / norms.tokens), {"nll_sum": nll.detach(), "input_tokens": padded}
 

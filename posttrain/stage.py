@@ -34,7 +34,7 @@ from posttrain.config import DatasetSpec, ModelConfig, TrainingStage, dump_confi
 from posttrain.groups import LearnerGroup
 from posttrain.inputs import ensure_dataset, ensure_model
 from posttrain.metrics import MetricsLog, due, quiet_libraries
-from posttrain.workers import init_ray
+from posttrain.workers import SharedPlacement, init_ray
 
 log = logging.getLogger("posttrain")
 G = TypeVar("G")
@@ -103,8 +103,10 @@ class StageRun:
     def enter(self, context: contextlib.AbstractContextManager[G]) -> G:
         return self._exit.enter_context(context)
 
-    def learners(self, model_path: str, is_vl: bool, total_steps: int) -> LearnerGroup:
-        return self.own(LearnerGroup(self.cfg, model_path, is_vl, total_steps))
+    def learners(
+        self, model_path: str, is_vl: bool, total_steps: int, placement: SharedPlacement | None = None
+    ) -> LearnerGroup:
+        return self.own(LearnerGroup(self.cfg, model_path, is_vl, total_steps, placement))
 
     # ------------------------------------------------------------------------------------------ the loop
 

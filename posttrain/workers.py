@@ -107,6 +107,41 @@ def check_placement(name: str, config_key: str, bundle: dict[str, float], count:
         )
 
 
+COLOCATED_GPU_SHARE = 0.5
+"""Ray GPU fraction each of a colocated learner and engine asks for: both fit one GPU bundle. Ray only
+counts it; the memory split between them is derived at run time (rollout/colocate.py)."""
+
+
+class SharedPlacement:
+    """One placement group whose bundle i holds rank i of several worker groups (a colocated learner and
+    engine): `count` bundles of `bundle`, packed; removed by `shutdown` after the groups in it."""
+
+    def __init__(self, name: str, count: int, bundle: dict[str, float], config_key: str) -> None:
+        from ray.util.placement_group import placement_group
+
+        check_placement(name, config_key, bundle, count)
+        self.count, self.bundle, self.name = count, bundle, name
+        self.group = placement_group([bundle] * count, strategy="PACK", name=name)
+        _wait_reserved(self.group, name, count, bundle)
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(self.group)
+
+
+def _wait_reserved(group: Any, name: str, count: int, bundle: dict[str, float]) -> None:
+    import ray
+
+    try:
+        ray.get(group.ready(), timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(
+            f"{name}: Ray could not reserve {count} × {bundle} within 120 s; "
+            f"cluster has {ray.cluster_resources()} (lower the worker count or resources per worker)"
+        ) from None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -144,9 +179,11 @@ class WorkerGroup:
         env: dict[str, str] | None = None,
         device: str | None = None,
         config_key: str = "learners",
+        placement: SharedPlacement | None = None,
     ) -> None:
         """`device` ("cpu" / "cuda"): pin every worker to it (`num_gpus` counts only on "cuda");
-        `config_key`: the config section an impossible placement names."""
+        `config_key`: the config section an impossible placement names; `placement`: rank r goes into
+        bundle r of this shared group (colocation) instead of a placement group of its own."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -155,15 +192,16 @@ class WorkerGroup:
             num_gpus = num_gpus if device == "cuda" else 0
             env = {**device_env(device), **(env or {})}
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        check_placement(name, config_key, bundle, num_workers)
-        self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=name)
-        try:
-            ray.get(self.placement_group.ready(), timeout=120)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"{name}: Ray could not reserve {num_workers} × {bundle} within 120 s; "
-                f"cluster has {ray.cluster_resources()} (lower the worker count or resources per worker)"
-            ) from None
+        self._owns_placement = placement is None
+        if placement is None:
+            check_placement(name, config_key, bundle, num_workers)
+            self.placement_group = placement_group([bundle] * num_workers, strategy="PACK", name=name)
+            _wait_reserved(self.placement_group, name, num_workers, bundle)
+        else:
+            assert placement.count == num_workers, (
+                f"{name}: {num_workers} workers in {placement.count} bundles"
+            )
+            self.placement_group = placement.group
 
         def in_bundle(rank: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(self.placement_group, rank)
@@ -225,7 +263,8 @@ class WorkerGroup:
                 ray.get([a.__ray_call__.remote(_barrier_if_distributed) for a in self.actors], timeout=60)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        remove_placement_group(self.placement_group)
+        if self._owns_placement:
+            remove_placement_group(self.placement_group)
         self.actors = []
 
 

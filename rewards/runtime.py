@@ -1,15 +1,9 @@
-"""Reward runtime: reward functions run in killable worker processes, so no plugin can hang or kill a run.
-
-Workers are fresh interpreters (`sys.executable -c ...`), not forks and not multiprocessing's spawn:
-spawn re-imports the host's `__main__` in every child (a training script, Ray's default_worker), while a
-plain interpreter imports only the rewards. Each worker loads every reward once, warms the built-ins up,
-then serves calls; each has its own main thread, so math-verify is safe whichever thread or Ray actor
-kind calls `score`.
+"""Reward runtime: reward functions run in the killable worker pool (`posttrain.rewards.pool`), so no
+plugin can hang or kill a run. Each worker loads every reward once and warms the built-ins up.
 
 Failure policy, per `score` call:
 - one call is one reward on one chunk; each reward's batch is split into `pool_size` chunks and calls
-  are dispatched reward by reward to idle workers, at most `pool_size` at a time, so one reward's chunks
-  run side by side; one more worker stands by, loaded, to take over from a killed one at once;
+  are queued reward by reward, at most `pool_size` at a time, so one reward's chunks run side by side;
 - `timeout`: a call past `timeout_s` has its worker SIGKILLed and replaced; its chunk's samples fail.
   Never retried: the time is spent, and so a hung plugin adds at most one timeout plus a kill;
 - `crash`: the worker died (segfault, abort, `os._exit`); its chunk's samples fail, the worker is replaced;
@@ -24,26 +18,18 @@ A reward that fails on every sample of `max_consecutive_failures` consecutive ba
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import numbers
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import traceback
-import weakref
-from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, Pipe, wait
 from typing import Any, Literal
 
 from posttrain.rewards.config import RewardsConfig, RewardSpec
+from posttrain.rewards.pool import EXCEPTION, FAILURES, INVALID, Lost, WorkerPool, describe
 from posttrain.rewards.registry import (
     Batch,
     LoadedReward,
@@ -54,19 +40,6 @@ from posttrain.rewards.registry import (
 )
 
 logger = logging.getLogger(__name__)
-
-TIMEOUT, EXCEPTION, CRASH, INVALID = "timeout", "exception", "crash", "invalid"
-FAILURES = (TIMEOUT, EXCEPTION, CRASH, INVALID)
-STARTUP_TIMEOUT_S = 120.0
-"""Time a worker gets to import and warm up its rewards (plugins may import heavy libraries)."""
-MAX_LOAD_DEATHS = 3
-"""Replacement workers that may die while loading, in a row, before the runtime gives up."""
-STANDBY = 1
-"""Workers kept beyond `pool_size`, loaded and idle, so a killed worker's calls move on at once instead
-of waiting the ~1 s a fresh worker needs to import and warm up its rewards."""
-POLL_S = 0.25
-"""How often busy workers are checked for death when no message arrives."""
-_BOOT = "import sys; from posttrain.rewards.runtime import worker_main; worker_main(int(sys.argv[1]))"
 
 
 class RewardPluginError(RuntimeError):
@@ -103,25 +76,10 @@ class ChunkResult:
     """The first failure, for the log."""
 
 
-def worker_main(fd: int) -> None:
-    """Entry point of a worker process: load the rewards named in the first message, then serve calls."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
-    _exit_with_parent(os.getppid())
-    conn = Connection(fd)
-    try:
-        rewards = [_load(plugin) for plugin in conn.recv()]
-    except EOFError:
-        return
-    except RewardLoadError as err:
-        conn.send(("load_error", str(err)))
-        return
-    conn.send(("ready",))
-    while True:
-        try:
-            index, batch = conn.recv()
-        except EOFError:
-            return
-        conn.send(("done", evaluate(rewards[index], batch)))
+def serve_rewards(plugins: list[dict[str, Any]]) -> Callable[[tuple[int, Batch]], ChunkResult]:
+    """The pool workers' setup: load (and warm up) every reward; serve (reward index, chunk) calls."""
+    rewards = [_load(plugin) for plugin in plugins]
+    return lambda task: evaluate(rewards[task[0]], task[1])
 
 
 def _load(plugin: dict[str, Any]) -> LoadedReward:
@@ -132,19 +90,8 @@ def _load(plugin: dict[str, Any]) -> LoadedReward:
     except RewardLoadError:
         raise
     except Exception as err:
-        raise RewardLoadError(f"reward {plugin['name']!r} failed to load: {_describe(err)}") from err
+        raise RewardLoadError(f"reward {plugin['name']!r} failed to load: {describe(err)}") from err
     return loaded
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Workers live in their own session (so killing one takes its children too): exit when orphaned."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def evaluate(reward: LoadedReward, batch: Batch) -> ChunkResult:
@@ -160,7 +107,7 @@ def _attempt(reward: LoadedReward, batch: Batch) -> ChunkResult:
     try:
         return check_values(call_reward(reward, batch), len(batch))
     except Exception as err:
-        return ChunkResult([None] * len(batch), [EXCEPTION] * len(batch), _describe(err))
+        return ChunkResult([None] * len(batch), [EXCEPTION] * len(batch), describe(err))
 
 
 def check_values(raw: Any, n: int) -> ChunkResult:
@@ -179,12 +126,6 @@ def check_values(raw: Any, n: int) -> ChunkResult:
     return result
 
 
-def _describe(err: BaseException) -> str:
-    frames = traceback.extract_tb(err.__traceback__)
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-    return f"{type(err).__name__}: {err}{where}"
-
-
 # ------------------------------------------------------------------------------------------------ parent
 
 
@@ -192,43 +133,6 @@ def _describe(err: BaseException) -> str:
 class _Task:
     reward: int
     indices: list[int]
-
-
-class _Worker:
-    def __init__(self, plugins: list[dict[str, Any]]) -> None:
-        self.conn, child = Pipe()
-        # The worker imports what this process can import, and nothing from its __main__.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) or os.getcwd() for p in sys.path)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT, str(child.fileno())],
-            pass_fds=[child.fileno()],
-            env=env,
-            start_new_session=True,
-        )
-        child.close()
-        self.conn.send(plugins)
-        self.ready = False
-        self.task: _Task | None = None
-        self.deadline = time.monotonic() + STARTUP_TIMEOUT_S
-
-    def exit_reason(self) -> str:
-        code = self.proc.poll()
-        if code is None:
-            return "still running"
-        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and anything it started
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-        self.conn.close()
-
-
-def _kill_all(workers: list[_Worker]) -> None:
-    for worker in workers:
-        worker.kill()
-    workers.clear()
 
 
 class _Board:
@@ -239,20 +143,19 @@ class _Board:
         self.failures: list[list[str | None]] = [[None] * n for _ in range(num_rewards)]
         self.messages: dict[int, str] = {}
 
-    def record(self, task: _Task, result: ChunkResult) -> None:
+    def record(self, task: _Task, result: ChunkResult | Lost) -> None:
+        if isinstance(result, Lost):
+            n = len(task.indices)
+            result = ChunkResult([None] * n, [result.failure] * n, result.message)
         for i, value, failure in zip(task.indices, result.values, result.failures, strict=True):
             self.values[task.reward][i] = value
             self.failures[task.reward][i] = failure
         if result.message is not None:
             self.messages.setdefault(task.reward, result.message)
 
-    def fail(self, task: _Task, failure: str, message: str) -> None:
-        n = len(task.indices)
-        self.record(task, ChunkResult([None] * n, [failure] * n, message))
-
 
 class RewardRuntime:
-    """A pool of reward worker processes. Use as a context manager; `score` is thread-safe."""
+    """Rewards evaluated in a killable worker pool. Use as a context manager; `score` is thread-safe."""
 
     def __init__(
         self,
@@ -273,7 +176,7 @@ class RewardRuntime:
             max_consecutive_failures=max_consecutive_failures,
         )
         self.names = [spec.key for spec in self.config.rewards]
-        self._plugins = [
+        plugins = [
             {
                 "name": absolute_name(s.name),
                 "kind": s.kind,
@@ -285,11 +188,14 @@ class RewardRuntime:
         self._consecutive = dict.fromkeys(self.names, 0)
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="posttrain-rewards")
-        self._workers: list[_Worker] = []
-        self._load_deaths = 0
-        self._started = False
-        self._closed = weakref.finalize(self, _kill_all, self._workers)
-        self._start()
+        self.pool = WorkerPool(
+            "posttrain.rewards.runtime:serve_rewards",
+            plugins,
+            size=pool_size,
+            timeout_s=timeout_s,
+            what="reward",
+            load_error=RewardLoadError,
+        )
 
     @classmethod
     def from_config(cls, cfg: RewardsConfig) -> RewardRuntime:
@@ -305,17 +211,7 @@ class RewardRuntime:
         """Kill the workers (a score in progress finishes first)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            self._closed()
-
-    def _start(self) -> None:
-        try:
-            self._workers.extend(_Worker(self._plugins) for _ in range(self.config.pool_size + STANDBY))
-            while not all(w.ready for w in self._workers):
-                self._wait(_Board(0, 0))
-            self._started = True
-        except BaseException:
-            self._closed()
-            raise
+            self.pool.close()
 
     # --------------------------------------------------------------------------------------------- scoring
 
@@ -331,8 +227,6 @@ class RewardRuntime:
         the standby takes over). Raises RewardPluginError when a reward has kept failing on every sample."""
         batch = make_batch(completions, prompts, completion_ids, columns)
         with self._lock:
-            if not self._closed.alive:
-                raise RuntimeError("RewardRuntime is closed")
             start = time.monotonic()
             board = self._run(batch)
             result = self._assemble(board, time.monotonic() - start)
@@ -351,99 +245,13 @@ class RewardRuntime:
         return self._executor.submit(self.score, completions, prompts, completion_ids, columns)
 
     def _run(self, batch: Batch) -> _Board:
-        board = _Board(len(self._plugins), len(batch))
+        board = _Board(len(self.names), len(batch))
         chunks = split_chunks(len(batch), self.config.pool_size)
-        pending = deque(_Task(r, chunk) for r in range(len(self._plugins)) for chunk in chunks)
-        try:
-            while pending or any(w.task is not None for w in self._workers):
-                for i, worker in enumerate(self._workers):
-                    running = sum(w.task is not None for w in self._workers)
-                    if pending and running < self.config.pool_size and worker.ready and worker.task is None:
-                        if worker.proc.poll() is not None:  # died while idle: not any call's fault
-                            logger.warning("reward worker %s while idle; replacing it", worker.exit_reason())
-                            self._replace(i)
-                            continue
-                        self._dispatch(i, pending.popleft(), batch, board)
-                self._wait(board)
-        finally:  # interrupted (e.g. KeyboardInterrupt): calls still running belong to no batch
-            for i, worker in enumerate(self._workers):
-                if worker.task is not None:
-                    self._replace(i)
+        tasks = [_Task(r, chunk) for r in range(len(self.names)) for chunk in chunks]
+        answers = self.pool.run([(t.reward, batch.subset(t.indices)) for t in tasks])
+        for task, answer in zip(tasks, answers, strict=True):
+            board.record(task, answer)
         return board
-
-    def _dispatch(self, i: int, task: _Task, batch: Batch, board: _Board) -> None:
-        worker = self._workers[i]
-        worker.task = task
-        try:
-            worker.conn.send((task.reward, batch.subset(task.indices)))
-        except OSError:
-            self._lost(i, board, CRASH, f"worker died ({worker.exit_reason()})")
-            return
-        worker.deadline = time.monotonic() + self.config.timeout_s
-
-    def _wait(self, board: _Board) -> None:
-        """Wait for one message or deadline, then handle every worker that has news."""
-        busy = [w for w in self._workers if w.task is not None or not w.ready]
-        if not busy:
-            return
-        timeout = min(POLL_S, max(0.0, min(w.deadline for w in busy) - time.monotonic()))
-        readable = wait([w.conn for w in busy], timeout)
-        for worker in busy:
-            i = self._workers.index(worker)
-            if worker.conn in readable:
-                self._receive(i, board)
-            elif worker.proc.poll() is not None:
-                self._lost(i, board, CRASH, f"worker died ({worker.exit_reason()})")
-            elif time.monotonic() >= worker.deadline:
-                late = (
-                    f"no result within {self.config.timeout_s:g} s" if worker.ready else "not ready in time"
-                )
-                self._lost(i, board, TIMEOUT, late)
-
-    def _receive(self, i: int, board: _Board) -> None:
-        worker = self._workers[i]
-        try:
-            message = worker.conn.recv()
-        except (EOFError, OSError):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.proc.wait(timeout=1)  # the pipe closed as the process exits: get its status
-            self._lost(i, board, CRASH, f"worker died ({worker.exit_reason()})")
-            return
-        if message[0] == "load_error":
-            self._fail_loading(message[1])
-        if message[0] == "ready":
-            worker.ready = True
-            self._load_deaths = 0
-        else:
-            assert worker.task is not None
-            board.record(worker.task, message[1])
-            worker.task = None
-
-    def _lost(self, i: int, board: _Board, failure: str, message: str) -> None:
-        """Kill worker i and start a replacement; its call (if any) fails with `failure`."""
-        task = self._workers[i].task
-        if task is None:
-            self._died_loading(message)
-        else:
-            board.fail(task, failure, message)
-        self._replace(i)
-
-    def _died_loading(self, message: str) -> None:
-        """At start that is the plugins' fault; a replacement may have been killed from outside (e.g. the
-        OOM killer), so it gets a few more tries before the runtime gives up."""
-        self._load_deaths += 1
-        if not self._started or self._load_deaths >= MAX_LOAD_DEATHS:
-            self._fail_loading(f"a reward worker failed while loading the rewards: {message}")
-        logger.warning("reward worker died while loading (%s); restarting it", message)
-
-    def _fail_loading(self, message: str) -> None:
-        """Workers cannot load the rewards: nothing can be scored, so close and say why."""
-        self._closed()
-        raise RewardLoadError(message)
-
-    def _replace(self, i: int) -> None:
-        self._workers[i].kill()
-        self._workers[i] = _Worker(self._plugins)
 
     # -------------------------------------------------------------------------------------------- results
 

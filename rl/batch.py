@@ -3,8 +3,8 @@
     Episode (rollout.episodes) → Scored (rewards) → Experience (advantage, old / reference logprobs)
             → learner batch (`collate`)
 
-Per-token arrays use the learner layout of `next_token_logprobs`: position t of a sequence predicts token
-t+1, so response token j of a prompt of P tokens sits at position P - 1 + j.
+Per-token arrays use the learner layout (`Learner.logprobs`, posttrain.loss_head): position t of a sequence
+predicts token t+1, so response token j of a prompt of P tokens sits at position P - 1 + j.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def model_inputs(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor
     return batch
 
 
+IMAGE_TOKEN_TYPE = 1  # `mm_token_type_ids` of an image pad (transformers' create_mm_token_type_ids)
+
+
 def collate(experience: list[Experience], pad_id: int, mask_truncated: bool) -> dict[str, torch.Tensor]:
     """The learner batch of the RL objective: model inputs, response_mask, advantages and the per-token
     logprobs it needs (old / reference only when every episode has them)."""
@@ -95,17 +98,22 @@ def collate(experience: list[Experience], pad_id: int, mask_truncated: bool) -> 
 
 
 def _vision(episodes: list[Episode], width: int) -> dict[str, torch.Tensor]:
-    visions = [e.prompt.source.vision or {} for e in episodes]
+    """Token types and every image's inputs, in the order of their pads: per episode the prompt's
+    images, then those its tools returned."""
     types = torch.zeros((len(episodes), width), dtype=torch.long)
-    for i, v in enumerate(visions):
-        prompt_types = v["mm_token_type_ids"][0]
+    parts: dict[str, list[torch.Tensor]] = {"pixel_values": [], "image_grid_thw": []}
+    for i, e in enumerate(episodes):
+        prompt = e.prompt.source.vision or {}
+        prompt_types = prompt["mm_token_type_ids"][0]
         types[i, : len(prompt_types)] = prompt_types
-    out = {"mm_token_type_ids": types}
-    for key in ("pixel_values", "image_grid_thw"):
-        parts = [v[key] for v in visions if key in v]
-        if parts:
-            out[key] = torch.cat(parts)
-    return out
+        parts["pixel_values"] += [prompt["pixel_values"]] if "pixel_values" in prompt else []
+        parts["image_grid_thw"] += [prompt["image_grid_thw"]] if "image_grid_thw" in prompt else []
+        if e.tool_images is not None:  # their pads are forced tokens of the response
+            pads = [j for j in e.sample.forced if e.response[j] == e.tool_images.pad_id]
+            types[i, [len(prompt_types) + j for j in pads]] = IMAGE_TOKEN_TYPE
+            parts["pixel_values"].append(e.tool_images.pixel_values)
+            parts["image_grid_thw"].append(e.tool_images.image_grid_thw)
+    return {"mm_token_type_ids": types} | {k: torch.cat(v) for k, v in parts.items() if v}
 
 
 def response_logprobs(e: Episode, row: torch.Tensor) -> list[float]:

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import DatasetSpec, OptimConfig, SFTInit, Strict, TrainingStage, check_fits
 from posttrain.rewards.config import RewardsConfig
-from posttrain.rollout.config import RolloutConfig
+from posttrain.rollout.config import RolloutConfig, ToolsConfig
 
 Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 PolicyLoss = Literal["ppo", "gspo", "sapo"]
@@ -156,6 +156,9 @@ class RLConfig(TrainingStage):
     data: RLData
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardsConfig
+    tools: ToolsConfig | None = None
+    """Multi-turn tool use (None: one response per prompt). Prompts declare the tools' schemas, rewards
+    score each episode's final turn, and the loss covers only the tokens the model sampled."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
     reference: ReferenceConfig = ReferenceConfig()
     train: RLTrainConfig = RLTrainConfig()
@@ -163,6 +166,11 @@ class RLConfig(TrainingStage):
     @property
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.rollout.samples_per_prompt
+
+    @property
+    def response_limit(self) -> int:
+        """The most response tokens of one episode (every turn of a tool episode)."""
+        return self.tools.max_episode_tokens if self.tools else self.rollout.max_tokens
 
     @property
     def optimizer_batch(self) -> tuple[int, int, str]:
@@ -210,7 +218,52 @@ class RLConfig(TrainingStage):
             raise ValueError(f"train.accuracy_reward {self.train.accuracy_reward!r} is not one of {keys}")
         sampled = {
             "data.max_prompt_length": self.data.max_prompt_length,
-            "rollout.max_tokens": self.rollout.max_tokens,
+            "tools.max_episode_tokens" if self.tools else "rollout.max_tokens": self.response_limit,
         }
         check_fits(sampled, "rollout.max_model_len", self.rollout.max_model_len)
+        if self.rollout.colocate:
+            _check_colocation(self)
         return self
+
+
+def _check_colocation(cfg: RLConfig) -> None:
+    """What `rollout.colocate` needs: one engine per learner, generation and training never at the same
+    time, a DeepSpeed optimizer with `offload_states` on a GPU, and nothing else on the shared device."""
+    rollout, learners = cfg.rollout, cfg.learners
+    if rollout.num_engines != learners.num_learners:
+        raise ValueError(
+            f"rollout.colocate pairs learner rank i with engine i on device i: rollout.num_engines "
+            f"({rollout.num_engines}) must equal learners.num_learners ({learners.num_learners})"
+        )
+    if cfg.train.async_rollout:
+        raise ValueError(
+            "train.async_rollout generates while the learners train, but with rollout.colocate they share "
+            "the device and take turns: set train.async_rollout: false or rollout.colocate: false"
+        )
+    if rollout.gpu_memory_utilization is not None:
+        raise ValueError(
+            "rollout.gpu_memory_utilization is derived with rollout.colocate (the device's memory minus "
+            "what the learner keeps resident while the engine is awake): remove it"
+        )
+    if cfg.model.lora is not None and rollout.sleep_level == 2:
+        raise ValueError(
+            "rollout.sleep_level: 2 drops the engine's weights, but a LoRA sync sends the adapter only and "
+            "the base would be lost: use rollout.sleep_level: 1 with model.lora"
+        )
+    if cfg.algorithm.kl_coef > 0 and cfg.model.lora is None:
+        raise ValueError(
+            "rollout.colocate has no place for a separate reference model (algorithm.kl_coef > 0 without "
+            "model.lora): set algorithm.kl_coef: 0, or train model.lora (its reference is the base model)"
+        )
+    if cfg.device != "cpu":
+        needed = 2 if cfg.model.dtype == "bfloat16" else 1
+        if learners.zero_stage < needed:
+            raise ValueError(
+                f"rollout.colocate offloads the optimizer states with DeepSpeed's offload_states, which only "
+                f"ZeRO optimizers have: set learners.zero_stage >= {needed}"
+                + (
+                    " (with bfloat16, ZeRO-1 runs DeepSpeed's BF16_Optimizer, which has none)"
+                    if needed == 2
+                    else ""
+                )
+            )

@@ -26,10 +26,12 @@ from posttrain.objectives import Norms, StepStats, merge_stats
 from posttrain.rewards.builtin import overlong_penalty
 from posttrain.rewards.registry import required_columns
 from posttrain.rewards.runtime import RewardRuntime
+from posttrain.rewards.tools import load_tools
 from posttrain.rl.advantages import group_advantages, keep_informative_groups
 from posttrain.rl.batch import Experience, Scored, collate, loss_positions, model_inputs, response_logprobs
 from posttrain.rl.config import RLConfig
 from posttrain.rl.objective import RLObjective
+from posttrain.rollout.colocate import Colocation, start_colocated
 from posttrain.rollout.episodes import (
     Episode,
     OnPolicyStage,
@@ -40,6 +42,7 @@ from posttrain.rollout.episodes import (
     start_policy_engines,
 )
 from posttrain.rollout.evaluation import EvalSet
+from posttrain.rollout.multiturn import episode_metrics
 from posttrain.stage import StageRun, prepare_inputs
 
 log = logging.getLogger("posttrain.rl")
@@ -52,22 +55,44 @@ def run(cfg: RLConfig) -> Path:
         processing, is_vl = load_processing(model_path, cfg.model.trust_remote_code)
         tok = tokenizer_of(processing)
         needs = required_columns(cfg.rewards.rewards)
-        prompts = build_prompts(cfg.data.prompts, processing, is_vl, cfg.data.max_prompt_length, needs)
-        eval_set = EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl) if cfg.data.eval else None
+        schemas = load_tools(cfg.tools.names).schemas if cfg.tools else None  # a bad tool fails here
+        prompts = build_prompts(
+            cfg.data.prompts, processing, is_vl, cfg.data.max_prompt_length, needs, tools=schemas
+        )
+        eval_set = (
+            EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl, tools=schemas)
+            if cfg.data.eval
+            else None
+        )
         log.info(
             "%d prompts; %s", len(prompts), f"{len(eval_set.prompts)} eval prompts" if eval_set else "no eval"
         )
         run.start_ray(cpus_needed(cfg))
-        learners = run.learners(model_path, is_vl, cfg.optimizer_steps)
-        engines = run.own(start_policy_engines(cfg, cfg.rollout, model_path, is_vl, "rollout"))
+        colocation = None
+        if cfg.rollout.colocate:
+            colocation = start_colocated(
+                cfg, cfg.rollout, run, model_path, is_vl, cfg.optimizer_steps, "rollout"
+            )
+            learners, engines = colocation.learners, colocation.engines
+        else:
+            learners = run.learners(model_path, is_vl, cfg.optimizer_steps)
+            engines = run.own(start_policy_engines(cfg, cfg.rollout, model_path, is_vl, "rollout"))
         rewards = run.enter(RewardRuntime.from_config(cfg.rewards))
         reference = start_reference(cfg, run, model_path, is_vl, learners)
         sync = policy_sync(cfg, cfg.rollout, learners, engines, tok, run.out)
         stop_ids = [tok.convert_tokens_to_ids("<|im_end|>")]
         rollouts = Rollouts(
-            engines, sync, prompts, cfg.rollout, cfg.train.seed, stop_ids, placeholder_ids(tok, is_vl)
+            engines,
+            sync,
+            prompts,
+            cfg.rollout,
+            cfg.train.seed,
+            stop_ids,
+            placeholder_ids(tok, is_vl),
+            cfg.tools,
+            processing if is_vl else None,
         )
-        stage = RLStage(rollouts, eval_set, cfg, learners, rewards, reference, tok)
+        stage = RLStage(rollouts, eval_set, cfg, learners, rewards, reference, tok, colocation)
         run.train(learners, stage, cfg.train.max_steps)
         final = run.export(learners, processing)
     return run.finished(final)
@@ -110,11 +135,15 @@ class RLStage(OnPolicyStage):
     rewards: RewardRuntime
     reference: LogprobSource | None
     tokenizer: Any
+    colocation: Colocation | None = None  # learners and engines take turns on one device each
 
     def step(self, step: int) -> dict[str, float]:
-        """Rollouts → rewards → logprobs and advantages → updates → weight sync, each phase timed."""
+        """Rollouts → rewards → logprobs and advantages → updates → weight sync, each phase timed.
+        Colocated, the engines hand the device to the learners after the rollouts and get it back for
+        the sync (rollout/colocate.py)."""
         cfg, timings = self.cfg, Timings()
         scored, gen = self.collect_batch(timings)
+        turns = self.colocation.to_train() if self.colocation else {}
         if cfg.train.async_rollout and step + 1 < cfg.train.max_steps:
             self.rollouts.prefetch(cfg.train.prompts_per_step)  # overlaps the rest of this step
         with timings("reference"):
@@ -125,8 +154,9 @@ class RLStage(OnPolicyStage):
             with timings("generate_wait"):
                 self.rollouts.finish_prefetch()
         with timings("sync"):
-            sync = self.rollouts.push_weights()
-        record = {**gen, **stats, **sync, **batch_metrics(self, experience), **timings.metrics()}
+            push = self.rollouts.push_weights
+            sync = self.colocation.to_generate(push) if self.colocation else push()
+        record = {**gen, **stats, **sync, **turns, **batch_metrics(self, experience), **timings.metrics()}
         oldest = min(x.episode.weight_version for x in experience)
         record["rollout/staleness"] = float(self.rollouts.version - 1 - oldest)
         return record
@@ -181,7 +211,7 @@ class RLStage(OnPolicyStage):
         and the failure counts."""
         cfg, tok = self.cfg, self.tokenizer
         stop = set(self.rollouts.stop_ids)
-        ids = [[i for i in e.response if i not in stop] for e in episodes]
+        ids = [[i for i in e.final_response if i not in stop] for e in episodes]
         texts = [tok.decode(x, skip_special_tokens=False) for x in ids]
         sources = [e.prompt.source for e in episodes]
         columns = {key: [s.extra.get(key) for s in sources] for key in sources[0].extra}
@@ -189,7 +219,7 @@ class RLStage(OnPolicyStage):
         algo = cfg.algorithm
         penalties = [
             algo.overlong_penalty
-            * overlong_penalty(len(e.response), cfg.rollout.max_tokens, algo.overlong_buffer)
+            * overlong_penalty(len(e.response), cfg.response_limit, algo.overlong_buffer)
             if algo.overlong_buffer
             else 0.0
             for e in episodes
@@ -257,7 +287,7 @@ class RLStage(OnPolicyStage):
                 norms = Norms(
                     tokens=float(max(1, sum(len(p) for p in positions))),
                     seqs=float(max(1, sum(bool(p) for p in positions))),
-                    norm_length=float(cfg.rollout.max_tokens),
+                    norm_length=float(cfg.response_limit),
                     temperature=cfg.rollout.temperature,
                 )
                 shards = shard_batches(
@@ -323,6 +353,9 @@ def batch_metrics(stage: RLStage, experience: list[Experience]) -> dict[str, flo
     out["response/tokens_max"] = float(max(len(x.episode.response) for x in experience))
     out["reward/valid"] = _mean([x.scored.valid for x in experience])
     out["response/placeholder_cut"] = _mean([x.episode.placeholder for x in experience])
+    if cfg.tools is not None:
+        episodes = [x.episode for x in experience]
+        out |= episode_metrics([e.sample for e in episodes], [e.prompt.source.mode for e in episodes])
     valid_adv = [x.advantage for x in experience if x.scored.valid]
     out["advantage/mean"] = _mean(valid_adv)
     out["advantage/abs_max"] = max((abs(a) for a in valid_adv), default=0.0)

@@ -54,3 +54,33 @@ class RolloutConfig(EngineSettings, SamplingConfig):
     1e-4 for float32, 0.05 for bfloat16)."""
     sync_timeout_s: float = Field(600, gt=0)
     """An engine not confirming a weight version within this fails the run (WeightSyncError)."""
+    colocate: bool = False
+    """Learner rank i and engine i share device i (one placement group, one bundle per pair): the engines
+    sleep while the learners train, the learners offload their optimizer states while the engines generate
+    (rollout/colocate.py). Needs `num_engines` == `learners.num_learners`; the engines' memory share is
+    derived from what the learners keep resident (`gpu_memory_utilization` must stay unset)."""
+    sleep_level: Literal[1, 2] = 1
+    """With `colocate`: vLLM's sleep level while the learners train. 1 keeps the weights in host memory
+    (required for LoRA: its sync sends the adapter only); 2 drops them, which is safe because every wake is
+    followed by a full weight sync proved by checksums and the probe."""
+
+
+class ToolsConfig(Strict):
+    """Multi-turn tool use: the model calls tools in Qwen3's `<tool_call>` format, each answer is appended
+    as the chat template's tool turn, and generation resumes, until a turn without calls or a limit."""
+
+    names: list[str] = Field(min_length=1)
+    """Tools offered to the model (their schemas go to the chat template's `tools=`): a built-in
+    (`calculator`, `crop_zoom`), an entry point in the group `posttrain.tools`, `module:function`, or
+    `path/to/file.py:function`."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Time limit of one call: a tool past it is killed and the model reads an error as its answer."""
+    parallel_calls: int = Field(2, ge=1)
+    """Calls running at once per engine (its tool worker processes; one more stands by)."""
+    max_turns: int = Field(4, ge=1)
+    """Assistant turns per episode; an episode still calling tools after the last one is truncated."""
+    max_tool_answer_tokens: int = Field(256, ge=1)
+    """Text tokens of one tool answer; a longer one is cut and marked `[truncated]`."""
+    max_episode_tokens: int = Field(1024, ge=1)
+    """Response tokens of an episode, sampled and tool turns together (`max_tokens` limits each turn);
+    an episode that reaches it is truncated."""

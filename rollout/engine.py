@@ -24,11 +24,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Required, TypedDict, Unpack, cast
 
 from posttrain.config import ConfigError
-from posttrain.rollout.config import SamplingConfig
+from posttrain.rewards.tools import ToolRuntime, load_tools
+from posttrain.rollout.config import SamplingConfig, ToolsConfig
+from posttrain.rollout.multiturn import EpisodeLoop
+from posttrain.rollout.samples import RolloutRequest, RolloutResult, RolloutSample
 from posttrain.rollout.weight_sync import Probe, WeightSyncError
 from posttrain.weight_transfer import (
     RayEngineClient,
@@ -38,7 +40,7 @@ from posttrain.weight_transfer import (
     send_buckets,
 )
 from posttrain.weights import Bucket, SyncManifest
-from posttrain.workers import WorkerGroup, init_ray, split_evenly
+from posttrain.workers import COLOCATED_GPU_SHARE, SharedPlacement, WorkerGroup, init_ray, split_evenly
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,29 +58,12 @@ CPU_KV_BLOCK_TOKENS = 128  # vLLM 0.32's CPU block size: a sequence holds whole 
 CPU_KV_FLOOR_BYTES = 64 << 20
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SLEEP_TAGS = ("weights", "kv_cache")
+"""What vLLM's sleep releases, in the order a wake restores them."""
 
 
 class EngineStartError(ConfigError):
     """An engine group could not start: names the group, the model, vLLM's reason and the key to change."""
-
-
-@dataclass
-class RolloutRequest:
-    """One prompt (token ids, as the caller's chat template rendered them) and how to sample it."""
-
-    prompt_token_ids: list[int]
-    n: int = 1
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off (vLLM 0.32)
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    logprobs: int | None = 0  # None: none; 0: the sampled token's only; k: also the top k
-    prompt_logprobs: int | None = None  # None: none; 0: each prompt token's; k: also the top k
-    images: list[Image] | None = None  # PIL images for a VL prompt (its ids hold one image pad per image)
-    thinking_budget: int | None = None  # close the think block after this many generated tokens
-    ignore_eos: bool = False
 
 
 def sampled_request(
@@ -105,26 +90,6 @@ def sampled_request(
     )
 
 
-@dataclass
-class RolloutSample:
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]  # of each sampled token (0.0 where `forced`), raw fp32 log_softmax
-    finish_reason: str  # "stop" | "length"
-    top_logprobs: list[dict[int, float]] | None = None
-    forced: list[int] = field(default_factory=list)  # positions the engine inserted (not sampled)
-    thinking_tokens: int | None = None  # generated tokens before the think block closed
-
-
-@dataclass
-class RolloutResult:
-    prompt_token_ids: list[int]
-    samples: list[RolloutSample]
-    prompt_logprobs: list[float | None] | None = None  # first is None (no context)
-    prompt_top_logprobs: list[dict[int, float] | None] | None = None
-    weight_version: int = 0
-
-
 def head_dim(model_config: dict[str, Any]) -> int:
     text = model_config.get("text_config") or model_config
     return int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
@@ -135,6 +100,29 @@ def kv_bytes_per_token(model_config: dict[str, Any], dtype: str) -> int:
     text = model_config.get("text_config") or model_config
     kv_heads = text.get("num_key_value_heads") or text["num_attention_heads"]
     return 2 * text["num_hidden_layers"] * kv_heads * head_dim(model_config) * DTYPE_BYTES[dtype]
+
+
+def _cpu_engine_args(
+    model_config: dict[str, Any],
+    dtype: str,
+    max_model_len: int,
+    max_num_seqs: int,
+    kv_cache_gib: float | None,
+) -> dict[str, Any]:
+    """vLLM's CPU arguments: the KV cache in bytes (vLLM would take a share of one NUMA node's RAM minus its
+    own RSS: fragile) and whole-prompt prefill."""
+    _check_cpu_head_dim(model_config)
+    kv_bytes, seqs = cpu_kv_cache(
+        kv_bytes_per_token(model_config, dtype), max_model_len, max_num_seqs, kv_cache_gib
+    )
+    # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill, which a CPU
+    # generator cannot do ("CPU Generator does not use offset"): prefill whole prompts only.
+    return {
+        "kv_cache_memory_bytes": kv_bytes,
+        "max_num_seqs": seqs,
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(max_model_len, 8192),
+    }
 
 
 def _check_cpu_head_dim(model_config: dict[str, Any]) -> None:
@@ -197,6 +185,7 @@ class GroupEngineOptions(TypedDict, total=False):
     enable_lora: bool
     max_lora_rank: int
     think_end_ids: list[int] | None
+    enable_sleep_mode: bool
     weight_transfer: TransferBackend
     extra_llm_args: dict[str, Any] | None
 
@@ -219,6 +208,7 @@ class EngineInfo(TypedDict):
     think_end_ids: list[int]
     kv_cache_bytes: int | None
     max_num_seqs: int
+    asleep: list[str]
 
 
 class StartFailure(TypedDict):
@@ -268,6 +258,7 @@ class RolloutEngine:
         enable_lora: bool = False,
         max_lora_rank: int = 16,
         think_end_ids: list[int] | None = None,
+        enable_sleep_mode: bool = False,
         name: str = "rollout",
         weight_transfer: TransferBackend = "shm",
         extra_llm_args: dict[str, Any] | None = None,
@@ -283,6 +274,9 @@ class RolloutEngine:
 
         self.name = f"{name}-{os.environ.get('RANK', '0')}"
         self.model_path = model_path
+        model_config = _model_config(model_path)
+        self.is_vl = "vision_config" in model_config
+        self.max_images = limit_images or 4 if self.is_vl else 0
         args: dict[str, Any] = {
             "model": model_path,
             "seed": seed,
@@ -294,44 +288,47 @@ class RolloutEngine:
             "tensor_parallel_size": tensor_parallel_size,
             "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
             "max_num_seqs": max_num_seqs,
+            # TP > 1: Ray workers, each mapping the sender's shared memory itself; untested here.
+            "distributed_executor_backend": "uni" if in_process else "ray",
+            "weight_transfer_config": {"backend": transfer_backend(weight_transfer)},
         }
         if dtype or not gpu:
             args["dtype"] = dtype or "float32"
-        model_config = _model_config(model_path)
         if gpu:
             args["gpu_memory_utilization"] = gpu_memory_utilization or 0.9
             if kv_cache_gib is not None:
                 args["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
-        else:  # vLLM would take a share of one NUMA node's RAM minus its own RSS: fragile, so bytes
-            _check_cpu_head_dim(model_config)
-            per_token = kv_bytes_per_token(model_config, args["dtype"])
-            kv_bytes, seqs = cpu_kv_cache(per_token, max_model_len, max_num_seqs, kv_cache_gib)
-            args.update(kv_cache_memory_bytes=kv_bytes, max_num_seqs=seqs)
-            # vLLM 0.32 rewinds a seeded request's generator after a partial (chunked) prefill, which a
-            # CPU generator cannot do ("CPU Generator does not use offset"): prefill whole prompts only.
-            args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
-        # TP > 1: Ray workers, each mapping the sender's shared memory itself; untested here.
-        args["distributed_executor_backend"] = "uni" if in_process else "ray"
-        self.is_vl = "vision_config" in model_config
+            # Off on the CPU, where vLLM refuses it and `sleep` keeps everything in place.
+            args["enable_sleep_mode"] = enable_sleep_mode
+        else:
+            args.update(
+                _cpu_engine_args(model_config, args["dtype"], max_model_len, max_num_seqs, kv_cache_gib)
+            )
         if self.is_vl:
-            args["limit_mm_per_prompt"] = {"image": limit_images or 4, "video": 0}
+            args["limit_mm_per_prompt"] = {"image": self.max_images, "video": 0}
         if enable_lora:
             args.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
-        args["weight_transfer_config"] = {"backend": transfer_backend(weight_transfer)}
         args.update(extra_llm_args or {})
         self.llm = LLM(**args)
-        self.init_weight_transfer_engine({})
         self.tokenizer = self.llm.get_tokenizer()
         self.think_end_ids = think_end_ids or list(
             self.tokenizer.encode(THINK_END_TEXT, add_special_tokens=False)
         )
+        self._init_weight_sync()
+        self.asleep: set[str] = set()  # of SLEEP_TAGS: what `sleep` released and no wake restored yet
+        self._tools: ToolRuntime | None = None  # started by the first `generate_episodes`
+        self._tools_cfg: ToolsConfig | None = None
+        self.load_seconds = time.perf_counter() - t0
+
+    def _init_weight_sync(self) -> None:
+        """The weight-transfer handshake, and the sync state: version 0 is the weights loaded at start."""
+        self.init_weight_transfer_engine({})
         self.version = 0
         self.dirty: str | None = None  # why the served weights are unknown (a failed sync), else None
         self._received: tuple[int, list[tuple[dict[str, int], int]]] | None = None  # awaiting `verify`
         self.held: dict[str, int] = {}  # digest of every tensor a verified sync delivered
         self._phases: dict[str, float] = {}  # the last update's seconds by phase, in the worker
         self.lora: LoRARequest | None = None  # LoRARequest of the current adapter version
-        self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------ info
 
@@ -345,6 +342,7 @@ class RolloutEngine:
             "think_end_ids": self.think_end_ids,
             "kv_cache_bytes": self.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes,
             "max_num_seqs": self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
+            "asleep": sorted(self.asleep),
         }
 
     # ------------------------------------------------------------------------------------ generation
@@ -356,6 +354,7 @@ class RolloutEngine:
             raise RuntimeError(f"engine {self.name} will not generate: {self.dirty}; sync weights again")
         if not requests:
             return []
+        self._awake()
         plain = [i for i, r in enumerate(requests) if r.thinking_budget is None]
         budgeted = [i for i, r in enumerate(requests) if r.thinking_budget is not None]
         results: list[RolloutResult | None] = [None] * len(requests)
@@ -369,6 +368,27 @@ class RolloutEngine:
             ):
                 results[i] = res
         return [r for r in results if r is not None]
+
+    def generate_episodes(
+        self, requests: Sequence[RolloutRequest], tools: ToolsConfig
+    ) -> list[RolloutResult]:
+        """Multi-turn tool episodes (`rollout.multiturn`): each sample generates, calls tools, reads their
+        answers and continues; results as `generate` gives them. The tool pool starts with the first call
+        and lives with the engine."""
+        if self.dirty:
+            raise RuntimeError(f"engine {self.name} will not generate: {self.dirty}; sync weights again")
+        loop = EpisodeLoop(self.llm, self._tool_runtime(tools), tools, self.max_images, self.lora)
+        return loop.run(list(requests), self.version)
+
+    def _tool_runtime(self, cfg: ToolsConfig) -> ToolRuntime:
+        if self._tools is None or self._tools_cfg != cfg:
+            if self._tools is not None:
+                self._tools.close()
+            self._tools = ToolRuntime(
+                load_tools(cfg.names), timeout_s=cfg.timeout_s, pool_size=cfg.parallel_calls
+            )
+            self._tools_cfg = cfg
+        return self._tools
 
     def prompt_logprobs(self, token_ids: Sequence[list[int]]) -> list[list[float]]:
         """Log-probabilities of tokens 1..T-1 of each sequence given its prefix (the learner's
@@ -389,6 +409,7 @@ class RolloutEngine:
         params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False, flat_logprobs=True
         )
+        self._awake()
         prompts: list[Any] = [{"prompt_token_ids": list(ids)} for ids in token_ids]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
@@ -470,6 +491,38 @@ class RolloutEngine:
             for s in res.samples:
                 s.text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
         return results
+
+    # ---------------------------------------------------------------------------------------- sleep
+
+    def sleep(self, level: int) -> float:
+        """Release the device for a colocated learner (vLLM sleep mode): the KV cache is dropped; level 1
+        moves the weights to host memory, level 2 drops them, so the engine then refuses to generate until
+        a weight sync succeeds and vouches for no tensor an earlier sync sent (frozen ones must come
+        again). On the CPU vLLM's worker keeps everything in place (its sleep is a no-op) while the
+        scheduler pauses and resumes as on a GPU. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.llm.sleep(level=level)
+        self.asleep = set(SLEEP_TAGS)
+        if level == 2:
+            self.dirty = f"weights dropped by sleep level 2 (version {self.version} needs a sync)"
+            self.held.clear()
+        return time.perf_counter() - t0
+
+    def wake_up(self, tag: str) -> float:
+        """Restore one of SLEEP_TAGS: `weights` before a sync loads into them, `kv_cache` after, so the
+        sync's transient buffers never compete with the KV cache. Seconds it took (0 when awake)."""
+        if tag not in self.asleep:
+            return 0.0
+        t0 = time.perf_counter()
+        self.llm.wake_up(tags=[tag])
+        self.asleep.discard(tag)
+        return time.perf_counter() - t0
+
+    def _awake(self) -> None:
+        """Generation needs everything: what is still asleep wakes now (the probe of a sync, run right
+        after the weights loaded, is the usual first user of the KV cache)."""
+        for tag in SLEEP_TAGS:
+            self.wake_up(tag)
 
     # ---------------------------------------------------------------------------------- weight sync
 
@@ -750,10 +803,12 @@ class RolloutGroup:
         start_timeout_s: float = 600.0,
         sync_timeout_s: float = 600.0,
         ray_address: str | None = None,
+        placement: SharedPlacement | None = None,
         **engine_kwargs: Unpack[GroupEngineOptions],
     ) -> None:
         """`device`: "cpu" or "cuda" (resolved by the caller); `config_key` / `model_key`: the config keys a
-        start failure names (e.g. "teacher", "teacher.path")."""
+        start failure names (e.g. "teacher", "teacher.path"); `placement`: engine i shares bundle i (and
+        its GPU) with learner i."""
         init_ray(ray_address, num_cpus=int(num_engines * num_cpus + 0.999))
         tp = int(engine_kwargs.get("tensor_parallel_size", 1))
         t0 = time.perf_counter()
@@ -761,17 +816,19 @@ class RolloutGroup:
             EngineActor,
             num_engines,
             num_cpus=num_cpus,
-            num_gpus=tp,
+            num_gpus=COLOCATED_GPU_SHARE if placement else tp,
             name=name,
             init_args=(model_path, {**engine_kwargs, "name": name, "device": device}),
             env={**({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {}), **cpu_engine_env(device)},
             device=device,
             config_key=config_key,
+            placement=placement,
         )
         self.infos = self._started(model_path, start_timeout_s, config_key, model_key)
         self.start_seconds = time.perf_counter() - t0
         self.sync_timeout_s = sync_timeout_s
         self.version = 0
+        self.frozen_held = False  # every engine holds the frozen parameters: a push may leave them out
         self._sender: ShmSender | None = None  # for `update_weights` from this process
 
     def _started(
@@ -807,15 +864,23 @@ class RolloutGroup:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def generate(self, requests: Sequence[RolloutRequest]) -> list[RolloutResult]:
+    def generate(
+        self, requests: Sequence[RolloutRequest], tools: ToolsConfig | None = None
+    ) -> list[RolloutResult]:
         """Results in request order; requests split over the engines in contiguous, even chunks."""
-        return self.collect(self.submit(requests))
+        return self.collect(self.submit(requests, tools))
 
-    def submit(self, requests: Sequence[RolloutRequest]) -> list[ObjectRef[list[RolloutResult]]]:
-        """Start generation and return at once (ObjectRefs, one per engine) so the caller can overlap
-        other work, e.g. scoring the previous batch; `collect` waits for them."""
+    def submit(
+        self, requests: Sequence[RolloutRequest], tools: ToolsConfig | None = None
+    ) -> list[ObjectRef[list[RolloutResult]]]:
+        """Start generation (multi-turn tool episodes with `tools`) and return at once (ObjectRefs, one per
+        engine) so the caller can overlap other work, e.g. scoring the previous batch; `collect` waits."""
         reqs = list(requests)
         chunks = split_evenly(reqs, len(self.workers), [r.n * r.max_tokens for r in reqs])
+        if tools is not None:
+            return [
+                a.generate_episodes.remote(c, tools) for a, c in zip(self.workers.actors, chunks, strict=True)
+            ]
         return [a.generate.remote(c) for a, c in zip(self.workers.actors, chunks, strict=True)]
 
     def collect(self, refs: Sequence[ObjectRef[list[RolloutResult]]]) -> list[RolloutResult]:
@@ -825,6 +890,7 @@ class RolloutGroup:
     def transfer_client(self, version: int) -> RayEngineClient:
         """The engines' weight-transfer control plane for a sender (a learner, or this process) pushing
         `version`: each call reaches every engine within `sync_timeout_s` or raises WeightSyncError."""
+        self.frozen_held = False  # the push may overwrite them: trusted again once `verify` passes
         names = [f"{self.workers.name}-{i}" for i in range(len(self.workers))]
         return RayEngineClient(list(self.workers.actors), names, version, self.sync_timeout_s)
 
@@ -850,7 +916,7 @@ class RolloutGroup:
         reports = self._gather_sync(
             version, [a.verify.remote(version, manifest, probe) for a in self.workers.actors]
         )
-        self.version = version
+        self.version, self.frozen_held = version, True
         return reports
 
     def load_lora(self, version: int, adapter_dir: str, probe: Probe | None = None) -> list[SyncReport]:
@@ -885,6 +951,16 @@ class RolloutGroup:
 
     def info(self) -> list[EngineInfo]:
         return self.workers.call("info")
+
+    def sleep(self, level: int) -> float:
+        """Every engine sleeps (`RolloutEngine.sleep`); the slowest one's seconds."""
+        if level == 2:  # the weights are dropped: the next push must send every tensor
+            self.frozen_held = False
+        return max(self.workers.call("sleep", level))
+
+    def wake_up(self, tag: str) -> float:
+        """Every engine restores `tag` (`RolloutEngine.wake_up`); the slowest one's seconds."""
+        return max(self.workers.call("wake_up", tag))
 
     def shutdown(self) -> None:
         if self._sender is not None:

@@ -27,17 +27,18 @@ from posttrain.data.processing import tokenizer_of
 from posttrain.data.prompts import EvalPrompt, build_eval_prompts
 from posttrain.data.rows import Needs
 from posttrain.groups import LearnerGroup
-from posttrain.rollout.config import RolloutConfig, SamplingConfig
-from posttrain.rollout.engine import (
-    RolloutGroup,
+from posttrain.rollout.config import RolloutConfig, SamplingConfig, ToolsConfig
+from posttrain.rollout.engine import RolloutGroup, sampled_request
+from posttrain.rollout.evaluation import EvalSet
+from posttrain.rollout.samples import (
     RolloutRequest,
     RolloutResult,
     RolloutSample,
-    sampled_request,
+    decode_images,
+    encode_images,
 )
-from posttrain.rollout.evaluation import EvalSet
 from posttrain.rollout.weight_sync import PROBE_ATOL, WeightSync
-from posttrain.workers import resolve_device
+from posttrain.workers import SharedPlacement, resolve_device
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -63,17 +64,35 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class ToolImages:
+    """The learner inputs of the images a tool episode's tools returned, in order."""
+
+    pixel_values: Any  # torch.Tensor [patches, dim]
+    image_grid_thw: Any  # torch.Tensor [images, 3]
+    pad_id: int  # their pads in the response
+
+
+@dataclass(frozen=True)
 class Episode:
-    """One sampled response to a prompt, as the engine produced it."""
+    """One sampled response to a prompt, as the engine produced it, in the learner's layout: a tool
+    episode's response holds every turn (tool turns forced) with the image pads of tool-returned images
+    expanded as the processor expands the prompt's, and `tool_images` holds those images' inputs."""
 
     prompt: Prompt
     sample: RolloutSample
     weight_version: int
     placeholder: bool = False  # cut at a sampled vision placeholder (see `episodes_of`)
+    tool_images: ToolImages | None = None
 
     @property
     def response(self) -> list[int]:
         return self.sample.token_ids
+
+    @property
+    def final_response(self) -> list[int]:
+        """The last assistant turn (the whole response of a single-turn episode): what rewards score."""
+        starts = self.sample.turn_starts
+        return self.sample.token_ids[starts[-1] :] if starts else self.sample.token_ids
 
     @property
     def ids(self) -> list[int]:
@@ -85,15 +104,20 @@ class Episode:
 
 
 def build_prompts(
-    specs: list[Any], processing: Any, is_vl: bool, max_prompt_length: int, needs: Needs
+    specs: list[Any],
+    processing: Any,
+    is_vl: bool,
+    max_prompt_length: int,
+    needs: Needs,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[Prompt]:
     """Every row of every prompt dataset, validated up front: a prompt that is too long, whose image
     tokens do not match its image features, or without a column in `needs` (the rewards') stops the run
-    naming the dataset and row."""
+    naming the dataset and row. `tools`: the tool schemas the prompts declare."""
     tok = tokenizer_of(processing)
     prompts = []
     for spec in specs:
-        for p in build_eval_prompts(spec, processing, needs=needs):
+        for p in build_eval_prompts(spec, processing, needs=needs, tools=tools):
             where = f"{spec.path} (split {spec.split}) row {p.row}"
             if len(p.prompt_ids) > max_prompt_length:
                 raise DataError(
@@ -132,8 +156,11 @@ def requests_for(
     of (seed, position), so a resumed run samples the same tokens."""
     chosen = [prompts[prompt_order(len(prompts), seed, pos)] for pos in positions]
     requests = [
-        sampled_request(
-            rollout, p.engine_ids, stop_ids, (seed * 1_000_003 + pos) % 2**31, p.source.images or None
+        replace(
+            sampled_request(
+                rollout, p.engine_ids, stop_ids, (seed * 1_000_003 + pos) % 2**31, p.source.images or None
+            ),
+            thinking=p.source.mode == "thinking",
         )
         for p, pos in zip(chosen, positions, strict=True)
     ]
@@ -141,21 +168,54 @@ def requests_for(
 
 
 def episodes_of(
-    prompts: list[Prompt], results: list[RolloutResult], placeholders: frozenset[int] | set[int] = frozenset()
+    prompts: list[Prompt],
+    results: list[RolloutResult],
+    placeholders: frozenset[int] | set[int] = frozenset(),
+    processing: Any = None,
 ) -> list[Episode]:
     """One per sample, grouped by prompt. A VL model may sample an image/video placeholder token, which
     the learner's forward would try to match with image features: such a response is cut before it and
-    marked (it carries no loss)."""
+    marked (it carries no loss). Tool-returned images (forced pads) are expanded with `processing`."""
     out = []
     for p, r in zip(prompts, results, strict=True):
         for s in r.samples:
-            cut = next((j for j, tok in enumerate(s.token_ids) if tok in placeholders), None)
-            if cut is None:
-                out.append(Episode(p, s, r.weight_version))
-            else:
-                s = replace(s, token_ids=s.token_ids[:cut], logprobs=s.logprobs[:cut])
+            forced = set(s.forced)
+            cut = next((j for j, t in enumerate(s.token_ids) if t in placeholders and j not in forced), None)
+            if cut is not None:
+                s = replace(s, token_ids=s.token_ids[:cut], logprobs=s.logprobs[:cut], images=[])
+                s = replace(s, forced=[j for j in s.forced if j < cut])
                 out.append(Episode(p, s, r.weight_version, placeholder=True))
+            elif s.images:
+                out.append(with_tool_images(Episode(p, s, r.weight_version), processing))
+            else:
+                out.append(Episode(p, s, r.weight_version))
     return out
+
+
+def with_tool_images(e: Episode, processing: Any) -> Episode:
+    """`e` in the learner's layout: each tool-returned image's one pad (the engine's layout) expanded to
+    its feature count, positions and logprobs shifted to match, and the images' vision inputs."""
+    vision = dict(processing.image_processor(images=e.sample.images, return_tensors="pt"))
+    merge = processing.image_processor.merge_size
+    counts = iter((vision["image_grid_thw"].prod(-1) // merge**2).tolist())
+    pad = tokenizer_of(processing).convert_tokens_to_ids(IMAGE_PAD)
+    s, forced = e.sample, set(e.sample.forced)
+    ids: list[int] = []
+    logprobs: list[float] = []
+    new_forced: list[int] = []
+    where: list[int] = []  # each engine position's learner position
+    for j, (t, lp) in enumerate(zip(s.token_ids, s.logprobs, strict=True)):
+        where.append(len(ids))
+        width = next(counts) if t == pad and j in forced else 1
+        if j in forced:
+            new_forced += range(len(ids), len(ids) + width)
+        ids += [t] * width
+        logprobs += [lp] * width
+    sample = replace(
+        s, token_ids=ids, logprobs=logprobs, forced=new_forced, turn_starts=[where[j] for j in s.turn_starts]
+    )
+    images = ToolImages(vision["pixel_values"], vision["image_grid_thw"], pad)
+    return replace(e, sample=sample, tool_images=images)
 
 
 def placeholder_ids(tokenizer: Any, is_vl: bool) -> set[int]:
@@ -164,11 +224,19 @@ def placeholder_ids(tokenizer: Any, is_vl: bool) -> set[int]:
 
 
 def start_policy_engines(
-    cfg: TrainingStage, rollout: RolloutConfig, model_path: str, is_vl: bool, name: str
+    cfg: TrainingStage,
+    rollout: RolloutConfig,
+    model_path: str,
+    is_vl: bool,
+    name: str,
+    placement: SharedPlacement | None = None,
+    memory_share: float | None = None,
 ) -> RolloutGroup:
     """The engines that serve the policy being trained (RL's, the on-policy student's): LoRA-enabled
-    with the smallest rank vLLM accepts when the learners train an adapter."""
+    with the smallest rank vLLM accepts when the learners train an adapter. Colocated (`placement`):
+    in the learners' bundles, with sleep mode and `memory_share` of each GPU (rollout/colocate.py)."""
     lora = cfg.model.lora
+    colocated = {"gpu_memory_utilization": memory_share, "enable_sleep_mode": True} if placement else {}
     return RolloutGroup(
         model_path,
         rollout.num_engines,
@@ -177,9 +245,10 @@ def start_policy_engines(
         name=name,
         sync_timeout_s=rollout.sync_timeout_s,
         ray_address=cfg.ray.address,
+        placement=placement,
         weight_transfer=rollout.weight_transfer,
         max_model_len=rollout.max_model_len,
-        **rollout.group_kwargs(),
+        **{**rollout.group_kwargs(), **colocated},
         dtype=cfg.model.dtype,
         seed=cfg.train.seed,
         enable_lora=lora is not None,
@@ -234,10 +303,15 @@ class Rollouts:
         seed: int,
         stop_ids: list[int],
         placeholders: set[int] | None = None,
+        tools: ToolsConfig | None = None,
+        processing: Any = None,
     ) -> None:
+        """`tools`: multi-turn tool episodes (None: single-turn); `processing`: the VL processor that
+        expands tool-returned images for the learners."""
         self.engines, self.sync, self.prompts = engines, sync, prompts
         self.sampling, self.seed, self.stop_ids = sampling, seed, stop_ids
         self.placeholders = placeholders or set()
+        self.tools, self.processing = tools, processing
         self.cursor = 0  # position in the prompt stream
         self.pending: PendingRollouts | None = None
 
@@ -246,7 +320,7 @@ class Rollouts:
         positions = range(self.cursor, self.cursor + num_prompts)
         self.cursor += num_prompts
         prompts, requests = requests_for(self.prompts, positions, self.seed, self.sampling, self.stop_ids)
-        return PendingRollouts(prompts, positions, refs=self.engines.submit(requests))
+        return PendingRollouts(prompts, positions, refs=self.engines.submit(requests, self.tools))
 
     def prefetch(self, num_prompts: int) -> None:
         """Generate the next batch while the caller trains on this one (with the current weights)."""
@@ -260,7 +334,7 @@ class Rollouts:
     def take(self, num_prompts: int) -> list[Episode]:
         """The prefetched batch, else the next `num_prompts` prompts sampled now."""
         pending, self.pending = self.pending or self.submit(num_prompts), None
-        return episodes_of(pending.prompts, self._collect(pending), self.placeholders)
+        return episodes_of(pending.prompts, self._collect(pending), self.placeholders, self.processing)
 
     def _collect(self, pending: PendingRollouts) -> list[RolloutResult]:
         """The results; an engine that died or hangs becomes a RolloutError naming it."""
@@ -290,8 +364,9 @@ class Rollouts:
         if self.pending is not None:
             results = self._collect(self.pending)
             positions = self.pending.positions
+            saved = [{**asdict(r), "samples": [encode_images(asdict(s)) for s in r.samples]} for r in results]
             files[PENDING_FILE] = json.dumps(
-                {"positions": [positions.start, positions.stop], "results": [asdict(r) for r in results]}
+                {"positions": [positions.start, positions.stop], "results": saved}
             )
         return {"cursor": self.cursor, "version": self.sync.version}, files
 
@@ -304,7 +379,7 @@ class Rollouts:
             saved = json.loads(pending_file.read_text())
             positions = range(*saved["positions"])
             results = [
-                RolloutResult(**{**r, "samples": [RolloutSample(**s) for s in r["samples"]]})
+                RolloutResult(**{**r, "samples": [decode_images(s) for s in r["samples"]]})
                 for r in saved["results"]
             ]
             prompts = [self.prompts[prompt_order(len(self.prompts), self.seed, p)] for p in positions]
@@ -321,7 +396,9 @@ class OnPolicyStage:
     eval_set: EvalSet | None
 
     def evaluate(self) -> dict[str, float]:
-        return self.eval_set.evaluate_on_engines(self.rollouts.engines) if self.eval_set else {}
+        if self.eval_set is None:
+            return {}
+        return self.eval_set.evaluate_on_engines(self.rollouts.engines, self.rollouts.tools)
 
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, str]]:
         return self.rollouts.state()

@@ -11,14 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import DatasetSpec, EvalConfig
-from posttrain.data.cards import dataset_verifier
+from posttrain.data.cards import dataset_tools, dataset_verifier
 from posttrain.data.processing import pad_id, tokenizer_of
 from posttrain.data.prompts import build_eval_prompts
 from posttrain.groups import LearnerGroup
 from posttrain.rewards.registry import Batch, LoadedReward, call_reward, load_reward
 from posttrain.rewards.runtime import check_values
 from posttrain.rewards.table import RewardLoadError
-from posttrain.rollout.engine import RolloutGroup, RolloutRequest
+from posttrain.rewards.tools import load_tools
+from posttrain.rollout.config import ToolsConfig
+from posttrain.rollout.engine import RolloutGroup
+from posttrain.rollout.multiturn import episode_metrics
+from posttrain.rollout.samples import RolloutRequest
 
 
 class VerifierError(RuntimeError):
@@ -62,6 +66,13 @@ class Verifier:
         return [v is not None and v >= 1.0 for v in checked.values]
 
 
+def declared_schemas(spec: DatasetSpec) -> list[dict[str, Any]] | None:
+    """The JSON schemas (as RL declares them) of the tools `spec` names: its `tools`, else its folder's
+    task card's; None when it names none. SFT declares them to rows without a `tools` column."""
+    names = dataset_tools(spec)
+    return load_tools(names).schemas if names else None
+
+
 def default_verifier() -> Verifier:
     return Verifier.load("exact_match")
 
@@ -76,11 +87,20 @@ class EvalSet:
     verifier: Verifier = field(default_factory=default_verifier)
 
     @classmethod
-    def build(cls, spec: DatasetSpec, cfg: EvalConfig, processing: Any, is_vl: bool) -> EvalSet:
-
+    def build(
+        cls,
+        spec: DatasetSpec,
+        cfg: EvalConfig,
+        processing: Any,
+        is_vl: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> EvalSet:
+        """`tools`: the schemas the prompts declare (a tool-use stage evaluates with its tools)."""
         verifier = Verifier.load(*dataset_verifier(spec))
         tok = tokenizer_of(processing)
-        prompts = build_eval_prompts(spec, processing, cfg.thinking, cfg.max_samples, needs=verifier.needs)
+        prompts = build_eval_prompts(
+            spec, processing, cfg.thinking, cfg.max_samples, needs=verifier.needs, tools=tools
+        )
         return cls(prompts, cfg, tok, tok.convert_tokens_to_ids("<|im_end|>"), pad_id(tok), verifier)
 
     def evaluate(self, learners: LearnerGroup) -> dict[str, float]:
@@ -95,8 +115,11 @@ class EvalSet:
         outputs = learners.generate(batches, self.cfg.max_new_tokens, self.eos_id)
         return self.score(outputs[: len(self.prompts)])
 
-    def evaluate_on_engines(self, engines: RolloutGroup) -> dict[str, float]:
-        """Greedy generation on the rollout engines (RL: they serve the current weights), same scoring."""
+    def evaluate_on_engines(
+        self, engines: RolloutGroup, tools: ToolsConfig | None = None
+    ) -> dict[str, float]:
+        """Greedy generation on the rollout engines (RL: they serve the current weights), same scoring;
+        with `tools` the same multi-turn loop as training, scoring each episode's final turn."""
         tok = self.tokenizer
         requests = [
             RolloutRequest(
@@ -106,11 +129,16 @@ class EvalSet:
                 stop_token_ids=[self.eos_id],
                 logprobs=None,
                 images=p.images or None,
+                thinking=p.mode == "thinking",
             )
             for p in self.prompts
         ]
-        results = engines.generate(requests)
-        return self.score([[i for i in r.samples[0].token_ids if i != self.eos_id] for r in results])
+        samples = [r.samples[0] for r in engines.generate(requests, tools)]
+        if tools is None:
+            return self.score([[i for i in s.token_ids if i != self.eos_id] for s in samples])
+        finals = [s.token_ids[s.turn_starts[-1] :] if s.turn_starts else [] for s in samples]
+        metrics = self.score([[i for i in ids if i != self.eos_id] for ids in finals])
+        return metrics | episode_metrics(samples, [p.mode for p in self.prompts], prefix="eval/tools")
 
     def _batches(self, indices: list[int]) -> list[dict[str, Any]]:
         size = self.cfg.batch_size

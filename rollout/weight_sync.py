@@ -8,8 +8,9 @@ returns the manifest of what it sent. One strategy per run, chosen once by `Weig
     stream   stream_sync_from_learners: a ring of `max_inflight` buckets (bounded memory, one more copy)
     adapter  sync_lora_from_learners: LoRA learners export the adapter only
 
-Frozen parameters (a frozen vision tower) are sent with the first push and after a failed one only; the
-manifest then names them with their digests, which each engine must hold from an earlier verified sync.
+Frozen parameters (a frozen vision tower) are sent with the first push, after a failed one and after a
+sleep that dropped the weights (`RolloutGroup.frozen_held`) only; the manifest then names them with their
+digests, which each engine must hold from an earlier verified sync.
 Each push ends with every engine proving the version: received digests == the learners' manifest, and
 the engine's prompt logprobs of the probe sequence == the learners' (within the calibrated tolerance); any
 failure or timeout raises WeightSyncError(version, engine, reason), and an engine whose weights were
@@ -157,7 +158,6 @@ class WeightSync:
     bucket_mb: float = 64
     adapters_dir: Path | None = None  # adapter: where each version's adapter is written
     version: int = 0
-    frozen_delivered: bool = False  # the engines hold the frozen parameters from a verified push
 
     @classmethod
     def for_run(
@@ -187,12 +187,10 @@ class WeightSync:
             _prune_adapters(self.adapters_dir, version)
         else:
             slots = STREAM_SLOTS if self.strategy == "stream" else None
-            frozen = not self.frozen_delivered
-            self.frozen_delivered = False  # until this push is verified
+            frozen = not self.engines.frozen_held
             reports = sync_from_learners(
                 *args, self.bucket_mb, self.probe_ids, self.atol, slots, include_frozen=frozen
             )
-            self.frozen_delivered = True
         self.version = version
         return {
             "sync/seconds": time.perf_counter() - t0,

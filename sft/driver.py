@@ -22,7 +22,7 @@ from posttrain.data.processing import load_processing
 from posttrain.data.sft_dataset import SFTData, build_sft_dataset
 from posttrain.groups import LearnerGroup, shard_batches
 from posttrain.objectives import NLL, Norms
-from posttrain.rollout.evaluation import EvalSet
+from posttrain.rollout.evaluation import EvalSet, declared_schemas
 from posttrain.stage import StageRun, prepare_inputs
 
 log = logging.getLogger("posttrain.sft")
@@ -33,9 +33,12 @@ def run(cfg: SFTConfig) -> Path:
     with StageRun(cfg) as run:
         model_path = prepare_inputs(cfg.model, [*cfg.data.train, cfg.data.eval])
         processing, is_vl = load_processing(model_path, cfg.model.trust_remote_code)
-        data = build_sft_dataset(cfg.data, processing, is_vl)
+        data = build_sft_dataset(cfg.data, processing, is_vl, declared_schemas)
         log.info("data: %s", data.stats)
-        eval_set = EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl) if cfg.data.eval else None
+        eval_set = None
+        if cfg.data.eval:
+            tools = declared_schemas(cfg.data.eval)
+            eval_set = EvalSet.build(cfg.data.eval, cfg.eval, processing, is_vl, tools)
         t = cfg.train
         total_steps = t.max_steps or data.num_steps(t.global_batch_size, t.epochs)
         run.start_ray(cfg.learners.num_learners * cfg.learners.cpus_per_learner)

@@ -31,6 +31,10 @@ class TinyModel(Strict):
     ~10M for benchmarks. All sizes share the tokenizer of a given `seed`."""
     seed: int = 0
     """Seed for tokenizer corpus order and weight initialisation."""
+    tools: bool = False
+    """Add Qwen3's tool tokens (`<tool_call>`, `</tool_call>`, `<tool_response>`, `</tool_response>`) as
+    single ids after the think tokens, so a tool call ends on one stop id. Off by default: four more ids
+    change the random weights, and every recorded tiny-model figure was measured without them."""
 
 
 # Ids 0..6 in this order; <think>/</think> are added last and, as in Qwen3, are not "special", so decoding
@@ -45,6 +49,7 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 THINK_TOKENS = ["<think>", "</think>"]
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 # Qwen2's pre-tokenizer regex: `\p{N}` alone splits every digit into its own piece (what arithmetic needs),
 # and `\s*[\r\n]+` keeps "\n\n" whole, so the template's "</think>\n\n" ends a piece in every context.
 PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -56,13 +61,23 @@ IMAGE_PIXELS = 96 * 96  # min = max pixels: any square 64–128 px image becomes
 CHAT_TEMPLATE = """\
 {%- macro render(content) -%}
 {%- if content is string -%}{{ content }}
-{%- else -%}{%- for part in content -%}
+{%- elif content is not none -%}{%- for part in content -%}
 {%- if part.type == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>
 {%- elif part.type == 'text' -%}{{ part.text }}
 {%- endif -%}{%- endfor -%}{%- endif -%}
 {%- endmacro -%}
+{#- Tools as Qwen3 declares them, a system turn listing JSON schemas in <tools>, without Qwen3's sentence on
+    the call format: it costs a tiny model ~120 tokens per prompt, and tiny models learn the format from SFT. -#}
+{%- if tools -%}
+{{- '<|im_start|>system\\n' -}}
+{%- if messages[0].role == 'system' -%}{{- render(messages[0].content) + '\\n\\n' -}}{%- endif -%}
+{{- '# Tools\\n\\n<tools>' -}}
+{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}
+{{- '\\n</tools><|im_end|>\\n' -}}
+{%- endif -%}
 {%- for message in messages -%}
-{%- if message.role == 'assistant' -%}
+{%- if message.role == 'system' and tools and loop.first -%}
+{%- elif message.role == 'assistant' -%}
 {{- '<|im_start|>assistant\\n' -}}
 {%- set reasoning = (message.reasoning_content or '') | trim -%}
 {#- A non-thinking answer's empty think block is prompt, as enable_thinking=false generates it: a model
@@ -70,9 +85,22 @@ CHAT_TEMPLATE = """\
 {%- if not reasoning -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}
 {%- generation -%}
 {%- if reasoning -%}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' -}}{%- endif -%}
-{{- render(message.content) + '<|im_end|>' -}}
+{{- render(message.content) -}}
+{#- Qwen3's call format: one <tool_call> JSON object per call, after the content, one per line. -#}
+{%- for call in message.tool_calls or [] -%}
+{%- set fn = call.function if call.function is defined else call -%}
+{%- if not loop.first or message.content -%}{{- '\\n' -}}{%- endif -%}
+{{- '<tool_call>\\n{"name": "' + fn.name + '", "arguments": ' -}}
+{{- (fn.arguments if fn.arguments is string else fn.arguments | tojson) + '}\\n</tool_call>' -}}
+{%- endfor -%}
+{{- '<|im_end|>' -}}
 {%- endgeneration -%}
 {{- '\\n' -}}
+{%- elif message.role == 'tool' -%}
+{#- Consecutive tool answers share one user turn, each in <tool_response> tags (Qwen3). -#}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+{{- '\\n<tool_response>\\n' + render(message.content) + '\\n</tool_response>' -}}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}
 {%- else -%}
 {{- '<|im_start|>' + message.role + '\\n' + render(message.content) + '<|im_end|>\\n' -}}
 {%- endif -%}
@@ -156,12 +184,14 @@ def wrap_tokenizer(tok: Any, extra_special_tokens: list[str], model_max_length: 
     )
 
 
-def build_tokenizer(seed: int = 0) -> Any:
-    """The tiny models' tokenizer: the trained BPE with <think>/</think> added last (ids 380, 381)."""
+def build_tokenizer(seed: int = 0, tools: bool = False) -> Any:
+    """The tiny models' tokenizer: the trained BPE with <think>/</think> added last (ids 380, 381), then
+    with `tools` the tool tokens; as in Qwen3 none is "special", so decoded text keeps them."""
     from tokenizers import AddedToken
 
     tok = train_bpe(seed)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    added = THINK_TOKENS + (TOOL_TOKENS if tools else [])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     return wrap_tokenizer(tok, SPECIAL_TOKENS[1:])
 
 
@@ -257,8 +287,8 @@ def save_model(out: Path, config: Any, tokenizer: Any, seed: int, dtype: str = "
     (build_processor(tokenizer) if vl else tokenizer).save_pretrained(out)
 
 
-def _write(out: Path, kind: str, size: str, seed: int) -> None:
-    tokenizer = build_tokenizer(seed)
+def _write(out: Path, kind: str, size: str, seed: int, tools: bool) -> None:
+    tokenizer = build_tokenizer(seed, tools)
     save_model(out, _model_config(tokenizer, kind, size), tokenizer, seed)
 
 
@@ -285,6 +315,7 @@ def build_tiny_model(
     kind: Kind,
     size: Size = "tiny",
     seed: int = 0,
+    tools: bool = False,
 ) -> Path:
     """Write a complete random Qwen3 (`text`) or Qwen3-VL (`vl`) folder at `out_dir`, atomically."""
-    return write_atomically(out_dir, lambda tmp: _write(tmp, kind, size, seed))
+    return write_atomically(out_dir, lambda tmp: _write(tmp, kind, size, seed, tools))

@@ -86,15 +86,31 @@ def addition_trace(a: int, b: int) -> str:
     return "\n".join([*lines, f"answer {a + b}"])
 
 
-def _held_out(a: int, b: int, seed: int) -> bool:
+def held_out(a: int, b: int, seed: int) -> bool:
     # A stable hash, not a linear rule: a pattern in the operands would bias which columns train sees.
     return zlib.crc32(f"{seed}:{a}+{b}".encode()) % HELD_OUT_FRACTION == 0
 
 
-def _addition_rows(
-    rng: random.Random, n: int, digits: tuple[int, ...], keep: Callable[[int, int], bool], unique: bool
+def addition_row(a: int, b: int, prompt: str) -> Row:
+    """An `arithmetic` row: the prompt, the answer with its column-by-column working."""
+    answer = str(a + b)
+    messages = [
+        {"role": "user", "content": prompt, "reasoning_content": None},
+        {"role": "assistant", "content": answer, "reasoning_content": addition_trace(a, b)},
+    ]
+    return {"messages": messages, "solution": answer, "difficulty": len(str(a))}
+
+
+def addition_rows(
+    rng: random.Random,
+    n: int,
+    digits: tuple[int, ...],
+    keep: Callable[[int, int], bool],
+    unique: bool,
+    row_of: Callable[[int, int, str], Row] = addition_row,
 ) -> list[Row]:
-    """`n` problems whose operands both have d digits (d drawn from `digits` per attempt)."""
+    """`n` problems whose operands both have d digits (d drawn from `digits` per attempt), as
+    `row_of(a, b, prompt)`."""
     rows: list[Row] = []
     seen: set[tuple[int, int]] = set()
     for _ in range(200 * n):
@@ -104,13 +120,7 @@ def _addition_rows(
         if not keep(a, b) or (unique and (a, b) in seen):
             continue
         seen.add((a, b))
-        prompt = rng.choice(ADD_PROMPTS).format(a=a, b=b)
-        answer = str(a + b)
-        messages = [
-            {"role": "user", "content": prompt, "reasoning_content": None},
-            {"role": "assistant", "content": answer, "reasoning_content": addition_trace(a, b)},
-        ]
-        rows.append({"messages": messages, "solution": answer, "difficulty": d})
+        rows.append(row_of(a, b, rng.choice(ADD_PROMPTS).format(a=a, b=b)))
         if len(rows) == n:
             return rows
     raise ValueError(f"could not draw {n} distinct {digits}-digit addition problems; lower the split size")
@@ -132,24 +142,24 @@ def arithmetic_splits(task: TinyTask) -> dict[str, list[Row]]:
     (lengths never trained on)."""
     s = task.seed
     return {
-        "train": _addition_rows(
+        "train": addition_rows(
             random.Random(f"{s}:train"),
             task.train_size,
             (1, 2, 3),
-            lambda a, b: not _held_out(a, b, s),
+            lambda a, b: not held_out(a, b, s),
             False,
         ),
-        "test": _addition_rows(
-            random.Random(f"{s}:test"), task.test_size, (1, 2, 3), lambda a, b: _held_out(a, b, s), True
+        "test": addition_rows(
+            random.Random(f"{s}:test"), task.test_size, (1, 2, 3), lambda a, b: held_out(a, b, s), True
         ),
-        "test_hard": _addition_rows(
+        "test_hard": addition_rows(
             random.Random(f"{s}:test_hard"),
             task.test_size,
             (3,),
-            lambda a, b: _held_out(a, b, s) and carries(a, b) >= 2,
+            lambda a, b: held_out(a, b, s) and carries(a, b) >= 2,
             True,
         ),
-        "test_long": _addition_rows(
+        "test_long": addition_rows(
             random.Random(f"{s}:test_long"), task.test_size, (4, 5), lambda a, b: True, True
         ),
     }
@@ -257,17 +267,21 @@ def _features(name: str) -> Any:
 def write_task(path: str | Path, task: TinyTask) -> None:
     """Write `path/<split>.parquet` for every split of `task` and its `task.json` (the verifier, and the
     `build` entry that makes it again); the folder appears only when complete."""
+    card = TaskCard(verifier=VERIFIERS[task.name], build={"builder": task.name, "args": task.args()})
+    write_splits(path, task_splits(task), _features(task.name), card)
+
+
+def write_splits(path: str | Path, splits: dict[str, list[Row]], features: Any, card: TaskCard) -> None:
+    """`path/<split>.parquet` for every split (with these `features`) and the task card, atomically."""
     from datasets import Dataset
 
     path = Path(path)
-    splits = task_splits(task)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal shared folder
     try:
         for split, rows in splits.items():
-            Dataset.from_list(rows, features=_features(task.name)).to_parquet(str(tmp / f"{split}.parquet"))
-        card = TaskCard(verifier=VERIFIERS[task.name], build={"builder": task.name, "args": task.args()})
+            Dataset.from_list(rows, features=features).to_parquet(str(tmp / f"{split}.parquet"))
         write_card(tmp, card)
         os.rename(tmp, path)
     finally:
@@ -277,7 +291,7 @@ def write_task(path: str | Path, task: TinyTask) -> None:
 def corpus(seed: int = 0, n: int = 3000) -> Iterator[tuple[str, str, str]]:
     """(prompt, reasoning, answer) texts of both tasks, for training the tiny tokenizer."""
     rng = random.Random(f"{seed}:corpus")
-    for row in _addition_rows(rng, n, (1, 2, 3, 4, 5), lambda a, b: True, False):
+    for row in addition_rows(rng, n, (1, 2, 3, 4, 5), lambda a, b: True, False):
         user, assistant = row["messages"]
         yield user["content"], assistant["reasoning_content"], assistant["content"]
     for _ in range(n // 4):

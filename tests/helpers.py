@@ -55,6 +55,30 @@ def sync_sft_config(tmp_path: Path, model_path: Path, **sections: Any) -> SFTCon
     return validate("sft", raw | sections)
 
 
+def next_token_logprobs(logits: Any, tokens: Any) -> Any:
+    """log p(tokens[:, t+1] | ≤ t) of every position from full logits [B, T, V], in fp32 at least: [B, T-1]
+    (the learner's computation before its loss path went chunked, kept as the reference)."""
+    import torch
+
+    logits = logits[:, :-1]
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def objective_on_logits(objective: Any, logits: Any, input_ids: Any, batch: Any, norms: Any) -> Any:
+    """`objective`'s (loss, statistics) of given full logits [B, T, V]: its loss path with an identity LM
+    head (the logits as hidden states), chunked, so gradients with respect to `logits` are the objective's."""
+    import torch
+
+    from posttrain.loss_head import ChunkedHead
+
+    vocab = logits.shape[-1]
+    head = torch.nn.Linear(vocab, vocab, bias=False, dtype=logits.dtype).requires_grad_(False)
+    head.weight.copy_(torch.eye(vocab, dtype=logits.dtype))
+    loss_head = ChunkedHead(head, objective.terms(input_ids, batch, norms), chunk_rows=3)
+    return objective(loss_head.unpack(loss_head(logits)), input_ids, batch, norms)
+
+
 def vl_response_logprobs(model: Any, inputs: Any, prompt: list[int], response: list[int]) -> list[float]:
     """Log-probabilities of `response` after the processed VL `inputs` (prompt ids `prompt`) under an HF
     Qwen3-VL model, in fp32."""

@@ -10,7 +10,7 @@ Modules, in import order:
 - `errors`: DataError (for the user: which file, row and column to fix) and RowError (one bad row).
 - `images`: images left undecoded on load, decoded and checked per row.
 - `files`: loading a split from JSON / JSON Lines / parquet files, a folder, a saved or a hub dataset.
-- `rows`: validating rows into Samples (messages, images, thinking mode); `load_samples`.
+- `rows`: validating rows into Samples (messages, tool calls, images, thinking mode, tools); `load_samples`.
 - `processing`: loading the tokenizer or processor; the tokenizer inside a processor.
 - `chat`: chat-template rendering, and encoding with assistant-only labels (Item).
 - `order`: the permutation of each epoch, a pure function of (seed, epoch).

@@ -28,6 +28,9 @@ class TaskCard(Strict):
     """The reward that scores an answer in evaluation (1.0: correct), named as in `rewards:`."""
     build: dict[str, Any] | None = None
     """The `build` entry (`{builder, args}`) that makes this folder again, when a builder wrote it."""
+    tools: list[str] | None = None
+    """Tool plugins the task's prompts are answered with (named as RL names tools); SFT declares their
+    schemas to rows without a `tools` column, unless a dataset spec's `tools` says otherwise."""
 
 
 def write_card(folder: Path, card: TaskCard) -> None:
@@ -62,3 +65,12 @@ def dataset_verifier(spec: DatasetSpec) -> tuple[str, str]:
     if spec.build is not None and (declared := spec.build.declaration()).verifier is not None:
         return declared.verifier, f"builder {spec.build.builder!r} of dataset {spec.path}"
     return DEFAULT_VERIFIER, "the default"
+
+
+def dataset_tools(spec: DatasetSpec) -> list[str]:
+    """Names of the tool plugins declared to `spec`'s rows without a `tools` column: its `tools`, else
+    its folder's task card's, else none."""
+    if spec.tools is not None:
+        return spec.tools
+    card = read_card(spec.path)
+    return card.tools or [] if card is not None else []

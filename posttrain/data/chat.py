@@ -46,12 +46,14 @@ class Item:
 
 
 def chat_messages(sample: Sample, is_vl: bool) -> list[dict[str, Any]]:
-    """Messages as chat templates read them: part lists for VL prompts, strings otherwise."""
+    """Messages as chat templates read them: part lists for VL prompts and tool answers, strings
+    otherwise; assistant turns with their `tool_calls`."""
     out = []
     for m in sample.messages:
         if m["role"] == "assistant":
             reasoning = {"reasoning_content": m["reasoning"]} if m["reasoning"] else {}
-            out.append({"role": "assistant", "content": m["text"], **reasoning})
+            calls = {"tool_calls": m["tool_calls"]} if "tool_calls" in m else {}
+            out.append({"role": "assistant", "content": m["text"], **reasoning, **calls})
         elif is_vl:
             out.append({"role": m["role"], "content": m["parts"]})
         elif any(p["type"] == "image" for p in m["parts"]):
@@ -64,9 +66,11 @@ def chat_messages(sample: Sample, is_vl: bool) -> list[dict[str, Any]]:
 
 
 def render(sample: Sample, processing: Any, is_vl: bool, add_generation_prompt: bool = False) -> str:
-    """The chat as text; `enable_thinking` follows the sample's mode (it shapes the generation prompt)."""
+    """The chat as text, declaring the sample's tools (JSON schemas, `posttrain.rewards.tools`);
+    `enable_thinking` follows the sample's mode (it shapes the generation prompt)."""
     return processing.apply_chat_template(
         chat_messages(sample, is_vl),
+        tools=sample.tools,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         enable_thinking=sample.mode == "thinking",

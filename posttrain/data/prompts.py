@@ -34,13 +34,15 @@ def build_eval_prompts(
     thinking: bool | None = None,
     max_samples: int | None = None,
     needs: Needs = EVAL_NEEDS,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[EvalPrompt]:
     """Generation prompts of the first `max_samples` rows; `thinking` None keeps the dataset's own choice.
-    Also the RL prompt set, whose `needs` are its rewards'."""
+    Also the RL prompt set, whose `needs` are its rewards'; `tools`: the schemas that rows without a
+    `tools` column declare."""
     is_vl = hasattr(processing, "image_processor")
     if max_samples is not None:
         spec = spec.model_copy(update={"max_rows": min(max_samples, spec.max_rows or max_samples)})
-    samples, _, _ = load_samples(spec, for_eval=True, needs=needs)
+    samples, _, _ = load_samples(spec, for_eval=True, needs=needs, tools=tools)
     prompts = []
     for s in samples:
         if thinking is not None:

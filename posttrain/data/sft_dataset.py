@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from posttrain.config import DataConfig
+from posttrain.config import DataConfig, DatasetSpec
 from posttrain.data.chat import IGNORE_INDEX, Item, encode_all
 from posttrain.data.errors import DataError
 from posttrain.data.order import epoch_order
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("posttrain.data")
+ToolsOf = Callable[[DatasetSpec], list[dict[str, Any]] | None]
+"""A dataset → the tool schemas its rows declare (the stage's tool loader: data loads no plugins)."""
 
 
 @dataclass
@@ -174,11 +177,14 @@ class SFTData:
         return 1 - sum(lengths) / sum(max(c) * len(c) for c in chunks)
 
 
-def build_sft_dataset(data_cfg: DataConfig, processing: Any, is_vl: bool) -> SFTData:
-    """Validate every row of every training set, then encode, then pack text samples."""
+def build_sft_dataset(
+    data_cfg: DataConfig, processing: Any, is_vl: bool, tools_of: ToolsOf = lambda spec: None
+) -> SFTData:
+    """Validate every row of every training set (rows without a `tools` column declaring the schemas
+    `tools_of` gives their dataset), then encode, then pack text samples."""
     stats, samples = DataStats(), []
     for spec in data_cfg.train:
-        found, rows, reasons = load_samples(spec, data_cfg.bad_rows)
+        found, rows, reasons = load_samples(spec, data_cfg.bad_rows, tools=tools_of(spec))
         samples += found
         stats.rows, stats.skipped = stats.rows + rows, stats.skipped + len(reasons)
         stats.skip_reasons += reasons[: MAX_REASONS - len(stats.skip_reasons)]

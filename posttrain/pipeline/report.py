@@ -12,6 +12,7 @@ from typing import Any
 
 from posttrain.metrics import read_metrics
 from posttrain.pipeline.config import PipelineConfig
+from posttrain.rewards.tools import TOOL_FAILURES
 
 PANELS: dict[str, tuple[str, ...]] = {
     "reward": ("reward/total/mean",),
@@ -21,6 +22,9 @@ PANELS: dict[str, tuple[str, ...]] = {
     "response length (tokens)": ("response/tokens", "eval/response_tokens"),
     "think length (tokens)": ("response/think_tokens",),
     "loss": ("loss",),
+    "tool calls and turns per episode": ("tools/calls", "tools/turns", "eval/tools/calls"),
+    "tokens per episode: model vs tools": ("tools/model_tokens", "tools/tool_tokens"),
+    "tool failures per step": tuple(f"tools/failures/{kind}" for kind in TOOL_FAILURES),
 }
 """Panel title → metric keys it plots, each also with its per-mode variants (`<key>_thinking`, ...)."""
 

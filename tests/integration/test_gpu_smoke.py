@@ -32,7 +32,11 @@ def test_cpu_smoke_run_records_every_phase(tmp_path: Path) -> None:
     grpo = phases["grpo"]
     assert [s["step"] for s in grpo["steps"]] == [1, 2] and all(t > 0 for t in grpo["step_seconds"])
     assert 0 < grpo["learner_peak_gib"] < 64  # memory/learner_peak_gib of the run, GiB
-    assert grpo["colocated"]["status"] == "not_implemented"
+    colocated = phases["grpo_colocated"]
+    assert colocated["status"] == "ok", colocated
+    assert [s["step"] for s in colocated["steps"]] == [1, 2] and set(colocated["phase_seconds"]) == {
+        "offload_s", "wake_weights_s", "wake_kv_s", "sleep_s", "reload_s"}  # fmt: skip
+    assert colocated["offloaded_gib"] > 0 and 0 < colocated["engine_share"] < 1
     assert phases["flash_packing"] == {
         **phases["flash_packing"],
         "status": "skipped",

@@ -9,6 +9,8 @@ import torch
 
 from posttrain.config import validate
 
+from helpers import next_token_logprobs
+
 
 def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Path) -> None:
     from peft import PeftModel
@@ -16,7 +18,6 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
 
     from posttrain.data.processing import load_processing
     from posttrain.data.sft_dataset import build_sft_dataset
-    from posttrain.losses import next_token_logprobs
     from posttrain.sft.driver import train_step
     from posttrain.stage import StageRun, prepare_inputs
 

@@ -171,3 +171,32 @@ def test_lora_rl_on_two_learners_and_two_engines(
     assert max(r["mismatch/max_abs"] for r in rows) <= 1e-4
     assert max(r["sync/probe_max_abs"] for r in rows) <= 1e-4
     assert (out / "final" / "adapter_config.json").is_file()
+
+
+def test_colocated_grpo_takes_turns_and_trains_as_the_split_run(
+    tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+) -> None:
+    """`rollout.colocate` on the CPU: learner and engine in one bundle of one placement group, DeepSpeed's
+    offload_states / reload_states (ZeRO-1) and vLLM's sleep / wake around every generation, each phase in
+    the metrics; the sync proof passes and the training metrics equal the split run's golden file."""
+    import json
+
+    out = tmp_path / "run"
+    _run(_cli(out, tiny_text_model, arithmetic, "rollout.colocate=true", "learners.zero_stage=1",
+              "train.max_steps=2", "data.eval=null", "checkpoint.every_steps=null"))  # fmt: skip
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for phase in ("offload_s", "wake_weights_s", "wake_kv_s", "sleep_s", "reload_s"):
+        assert all(r[f"colocate/{phase}"] >= 0 for r in rows), phase
+    assert all(r["colocate/offloaded_gib"] > 0 for r in rows)  # DeepSpeed moved the ZeRO-1 states
+    assert 0 < rows[0]["colocate/engine_share"] < 1
+    assert max(r["sync/probe_max_abs"] for r in rows) <= 1e-4
+    assert max(r["mismatch/max_abs"] for r in rows) <= 1e-4
+    split = [r for r in json.loads((ROOT / "tests/golden/rl_sync.json").read_text()) if "loss" in r][:2]
+    for got, want in zip(rows, split, strict=True):
+        shared = {
+            k
+            for k in want
+            if not k.startswith(("time/", "eval/")) and "seconds" not in k and "_per_s" not in k
+        }
+        assert {k: got[k] for k in shared} == pytest.approx({k: want[k] for k in shared}, rel=1e-6, abs=1e-6)

@@ -263,7 +263,8 @@ def test_deepspeed_learner_sync_matches_token_logprobs(
 
 def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
     """Qwen3-VL: prompt ids with one image pad + the image in, vLLM expands the pads as the HF processor
-    does; after a sync of perturbed weights the sampled logprobs equal the HF forward's."""
+    does; after a sync of perturbed weights the sampled logprobs equal the HF forward's. A frozen tower is
+    sent once, and again after a level-2 sleep."""
     import random
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -307,6 +308,14 @@ def test_vl_engine_from_token_ids_and_weight_sync(tiny_vl_model: Path) -> None:
                 RolloutRequest(ids, max_tokens=6, seed=0, images=[image], ignore_eos=True, thinking_budget=2),
             ]
         )
+        # A level-2 sleep drops the weights (a colocated engine's): no earlier digest vouches for the tower
+        # any more, so the next push must send it again.
+        assert group.frozen_held
+        group.sleep(2)
+        group.wake_up("weights")
+        assert not group.frozen_held
+        with pytest.raises(WeightSyncError, match="not held from an earlier verified sync"):
+            group.update_weights(3, trained, manifest_of(trained, frozen), probe)
     finally:
         group.shutdown()
     prompt = inputs["input_ids"][0].tolist()

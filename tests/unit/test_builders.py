@@ -64,7 +64,7 @@ def test_builder_arguments_are_typed_and_normalised() -> None:
     cfg = validate(
         "sft", sft(model={"path": "m", "build": {"builder": "tiny_model", "args": {"kind": "vl"}}})
     )
-    assert cfg.model.build.args == {"kind": "vl", "size": "tiny", "seed": 0}
+    assert cfg.model.build.args == {"kind": "vl", "size": "tiny", "seed": 0, "tools": False}
     assert type(cfg.model.build.declaration().check_args(cfg.model.build.args)).__name__ == "TinyModel"
 
 
@@ -104,8 +104,8 @@ def test_build_entries_stay_strict() -> None:
 def test_unknown_builder_lists_builtins_and_forms() -> None:
     message = error_of(sft(model={"path": "m", "build": {"builder": "tiny_modl"}}))
     assert (
-        "model.build: unknown builder 'tiny_modl'. Built-in: arithmetic, qwen3_shape, shapes, tiny_model."
-        in message
+        "model.build: unknown builder 'tiny_modl'. Built-in: arithmetic, arithmetic_tools, qwen3_shape, shapes, "
+        "tiny_model, vl_zoom." in message
     )
     assert "'posttrain.builders'" in message and "'module:function' or 'path/to/file.py:function'" in message
     assert {"tiny_model", "arithmetic", "shapes"} <= set(available_builders())

@@ -161,3 +161,19 @@ def test_periodic_actions_are_due_every_n_steps_and_after_the_last() -> None:
 
     assert [s for s in range(1, 11) if due(s, 10, 4)] == [4, 8, 10]
     assert [s for s in range(1, 4) if due(s, 3, None)] == [3]
+
+
+def test_tool_rl_config_chains_its_cold_start_and_drops_tools_with_one_override() -> None:
+    """configs/tiny/rl_tools.yaml: its SFT start trains on the same arithmetic_tools build RL prompts come
+    from and evaluates on; `tools=null` is the no-tool baseline on the same prompts."""
+    cfg = load_config("rl", ROOT / "configs/tiny/rl_tools.yaml")
+    assert cfg.tools is not None and cfg.tools.names == ["calculator"]
+    assert cfg.data.eval is not None and cfg.data.eval.split == "test_long"
+    assert cfg.init_from_sft is not None
+    sft = load_config("sft", ROOT / cfg.init_from_sft.config, cfg.init_from_sft.overrides)
+    assert Path(cfg.model.path).parent.as_posix() == sft.output_dir
+    tool_data = [spec for spec in sft.data.train if spec.path == cfg.data.prompts[0].path]
+    assert tool_data and all(spec.build == cfg.data.prompts[0].build for spec in tool_data)
+    assert sft.model.build is not None and sft.model.build.args["tools"] is True
+    baseline = load_config("rl", ROOT / "configs/tiny/rl_tools.yaml", ["tools=null"])
+    assert baseline.tools is None and baseline.response_limit == baseline.rollout.max_tokens

@@ -20,6 +20,8 @@ from posttrain.distill.topk_store import TopKRow, TopKStore, TopKWriter
 from posttrain.objectives import Norms
 from posttrain.rollout.engine import flat_prompt_logprobs
 
+from helpers import objective_on_logits
+
 V, K = 11, 3
 
 
@@ -65,7 +67,7 @@ def test_objective_is_the_global_token_mean_however_the_batch_is_split() -> None
             lg = torch.cat(
                 [torch.nn.functional.pad(logits[i], (0, 0, 0, width - logits[i].shape[1])) for i in part]
             )
-            out = out + DistillObjective(LOSS)(lg, b["input_ids"], b, Norms(tokens))[0]
+            out = out + objective_on_logits(DistillObjective(LOSS), lg, b["input_ids"], b, Norms(tokens))[0]
         return out
 
     whole, split = total([[0, 1, 2, 3]]), total([[0], [1, 2], [3]])
@@ -93,13 +95,12 @@ def test_sampled_estimator_and_nll_term() -> None:
     b = collate([sampled], 0, 1)
     logits = torch.randn(1, 6, V, requires_grad=True)
     cfg = LOSS.model_copy(update={"type": "reverse_kl", "estimator": "sampled"})
-    loss, stats = DistillObjective(cfg)(logits, b["input_ids"], b, Norms(4.0))
+    loss, stats = objective_on_logits(DistillObjective(cfg), logits, b["input_ids"], b, Norms(4.0))
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
     expected = (reverse_kl_sampled(logp, torch.from_numpy(teacher_lp[1:])[None]) * b["loss_mask"]).sum() / 4
     assert torch.allclose(loss, expected) and torch.isfinite(loss)
-    with_nll, _ = DistillObjective(cfg.model_copy(update={"nll_weight": 0.5}))(
-        logits, b["input_ids"], b, Norms(4.0)
-    )
+    nll_objective = DistillObjective(cfg.model_copy(update={"nll_weight": 0.5}))
+    with_nll, _ = objective_on_logits(nll_objective, logits, b["input_ids"], b, Norms(4.0))
     assert torch.allclose(with_nll - loss, 0.5 * stats["nll_sum"] / 4)
 
 

@@ -113,7 +113,7 @@ def test_plugin_hanging_on_every_sample_costs_one_timeout(runtime: RewardRuntime
 
 
 def test_worker_dying_while_idle_is_replaced_silently(runtime: RewardRuntime) -> None:
-    for worker in list(runtime._workers):
+    for worker in list(runtime.pool.workers):
         os.kill(worker.proc.pid, signal.SIGKILL)
     time.sleep(0.1)
     assert_healthy(score(runtime, ["\\boxed{1}"] * 4)[1])

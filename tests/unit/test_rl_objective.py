@@ -14,6 +14,8 @@ from posttrain.rl.objective import RLObjective
 from posttrain.rollout import RolloutSample
 from posttrain.rollout.episodes import Episode, Prompt
 
+from helpers import next_token_logprobs, objective_on_logits
+
 
 def _experience(
     prompt: list[int], response: list[int], advantage: float = 0.0, valid: bool = True, **sample: object
@@ -59,14 +61,12 @@ def test_first_update_is_on_policy(kind: str) -> None:
     logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 7, (2, 5))
     mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.float64)
-    from posttrain.losses import next_token_logprobs
-
     lp = next_token_logprobs(logits / 0.7, ids).detach()  # the engine reports the tempered policy's logprobs
     batch = {"response_mask": mask, "advantages": torch.tensor([1.0, -2.0], dtype=torch.float64)}
     batch |= {"engine_logprobs": lp.clone(), "ref_logprobs": lp.clone()}
     norms = Norms(tokens=5.0, seqs=2.0, norm_length=3.0, temperature=0.7)
     algo = _algo(type=kind, kl_coef=0.1)
-    loss, stats = RLObjective(algo)(logits, ids, batch, norms)
+    loss, stats = objective_on_logits(RLObjective(algo), logits, ids, batch, norms)
     assert stats["ratio_sum"].item() == stats["tokens"].item() == 5.0
     assert stats["ratio_max"].item() == 1.0
     assert stats["clip_low_count"].item() == stats["clip_high_count"].item() == 0.0
@@ -79,8 +79,6 @@ def test_first_update_is_on_policy(kind: str) -> None:
 
 def _plain_policy_gradient_loss(logits, ids, batch, norms, aggregation):  # type: ignore[no-untyped-def]
     """-A · logp (of the policy at the rollout temperature), aggregated as configured, written out directly."""
-    from posttrain.losses import next_token_logprobs
-
     lp = next_token_logprobs(logits / norms.temperature, ids)
     per_token = -batch["advantages"][:, None] * lp * batch["response_mask"]
     if aggregation == "token_mean":
@@ -98,14 +96,14 @@ def test_importance_weights_and_entropy_bonus_enter_the_loss() -> None:
     batch = {"response_mask": mask, "advantages": torch.tensor([1.0])}
     batch["engine_logprobs"] = torch.full((1, 3), -30.0)  # the engine thought these tokens unlikely
     norms = Norms(tokens=3.0, seqs=1.0, norm_length=3.0)
-    plain, _ = RLObjective(_algo(type="dapo"))(logits, ids, batch, norms)
-    capped, stats = RLObjective(_algo(type="dapo", importance_sampling={"cap": 2.0}))(
-        logits, ids, batch, norms
-    )
+    plain, _ = objective_on_logits(RLObjective(_algo(type="dapo")), logits, ids, batch, norms)
+    capped_objective = RLObjective(_algo(type="dapo", importance_sampling={"cap": 2.0}))
+    capped, stats = objective_on_logits(capped_objective, logits, ids, batch, norms)
     assert stats["tis_clipped_count"].item() == 3.0
     assert capped.item() == pytest.approx(2.0 * plain.item())
     assert stats["mismatch_max"].item() > 20
-    bonus, st = RLObjective(_algo(type="dapo", entropy_coef=0.5))(logits, ids, batch, norms)
+    bonus_objective = RLObjective(_algo(type="dapo", entropy_coef=0.5))
+    bonus, st = objective_on_logits(bonus_objective, logits, ids, batch, norms)
     assert bonus.item() == pytest.approx(plain.item() - 0.5 * st["entropy_sum"].item() / 3, rel=1e-6)
 
 

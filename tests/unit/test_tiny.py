@@ -89,9 +89,8 @@ def test_chat_template_renders_qwen3_format(tok) -> None:
     )
 
 
-def test_assistant_mask_is_exactly_the_assistant_spans(tok) -> None:
-    chat = [*SUM, {"role": "user", "content": "And 1+1?"}, {"role": "assistant", "content": "2"}]
-    out = tok.apply_chat_template(chat, return_assistant_tokens_mask=True, return_dict=True)
+def assistant_spans(tok, chat, **kwargs) -> list[str]:
+    out = tok.apply_chat_template(chat, return_assistant_tokens_mask=True, return_dict=True, **kwargs)
     ids, mask = out["input_ids"], out["assistant_masks"]
     spans, start = [], None
     for i, m in enumerate([*mask, 0]):
@@ -100,13 +99,69 @@ def test_assistant_mask_is_exactly_the_assistant_spans(tok) -> None:
         elif not m and start is not None:
             spans.append(tok.decode(ids[start:i]))
             start = None
+    return spans
+
+
+def test_assistant_mask_is_exactly_the_assistant_spans(tok) -> None:
+    chat = [*SUM, {"role": "user", "content": "And 1+1?"}, {"role": "assistant", "content": "2"}]
     assert (
-        spans
+        assistant_spans(tok, chat)
         == [
             THINKING.split("assistant\n")[1].removesuffix("\n"),
             "2<|im_end|>",  # a non-thinking answer's empty think block is prompt, as enable_thinking=False makes it
         ]
     )
+
+
+CALCULATOR = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an expression.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}},
+    },
+}
+TOOL_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 12345+67890?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "calculator", "arguments": {"expression": "12345+67890"}},
+            },
+            {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1+1"}'}},
+        ],
+    },
+    {"role": "tool", "name": "calculator", "content": "80235"},
+    {"role": "tool", "name": "calculator", "content": "2"},
+    {"role": "assistant", "content": "80235"},
+]
+CALLS = (
+    '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12345+67890"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call><|im_end|>'
+)
+
+
+def test_tool_chats_render_in_qwen3_tool_format(tmp_path: Path) -> None:
+    from posttrain.synthetic.models import TOOL_TOKENS, build_tokenizer
+
+    tok = build_tokenizer(0, tools=True)
+    assert [len(tok(t)["input_ids"]) for t in TOOL_TOKENS] == [1] * 4
+    assert tok.convert_tokens_to_ids(TOOL_TOKENS) == list(range(382, 386))  # after the think tokens
+    assert tok.apply_chat_template(TOOL_CHAT, tools=[CALCULATOR], tokenize=False) == (
+        '<|im_start|>system\nBe brief.\n\n# Tools\n\n<tools>\n{"type": "function", "function": {"name": '
+        '"calculator", "description": "Evaluate an expression.", "parameters": {"type": "object", '
+        '"properties": {"expression": {"type": "string"}}}}}\n</tools><|im_end|>\n'
+        "<|im_start|>user\nWhat is 12345+67890?<|im_end|>\n"
+        f"<|im_start|>assistant\n<think>\n\n</think>\n\n{CALLS}\n"
+        "<|im_start|>user\n<tool_response>\n80235\n</tool_response>\n<tool_response>\n2\n"
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n80235<|im_end|>\n"
+    )
+    # the loss mask covers the calls the model writes, never the tool answers
+    assert assistant_spans(tok, TOOL_CHAT, tools=[CALCULATOR]) == [CALLS, "80235<|im_end|>"]
 
 
 @pytest.mark.parametrize("thinking", [True, False])
