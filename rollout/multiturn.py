@@ -6,9 +6,9 @@ them at once, all episodes' calls side by side) and leaves the batch; the other 
 When an episode's answers are in, their tool turn (`tool_turns.tool_turn_ids`) is appended as forced
 tokens and the episode re-enters as a new request whose prompt is everything so far (vLLM's prefix cache
 keeps the re-prefill cheap), with the episode's images as multimodal input: the prompt's, then those the
-tools returned. A turn's sampling seed is a function of (request seed, sample, turn), and vLLM's
-sampled-token logprobs on CPU do not depend on which other requests share a step, so an episode is the
-same whatever the tools' timing.
+tools returned. A turn's sampling seed is a function of (request seed, sample, turn), so an episode's
+tokens are the same whatever the tools' timing; its logprobs move by up to ~3e-6 on CPU with the other
+requests that share an engine step (measured), far inside the learner-engine mismatch.
 
 An episode ends at a turn without tool calls (`finish_reason` "stop"), or truncated (`finish_reason`
 "length", `truncation` naming the limit): a turn cut at `max_tokens` ("length"), `tools.max_turns`

@@ -162,9 +162,7 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
         assert turns == [list(prompt_ids) + s.token_ids[:start] for start in s.turn_starts]
         # forced = the tool turn, every other position sampled with its engine logprob
         sampled = [j for j in range(len(s.token_ids)) if j not in set(s.forced)]
-        assert all(s.logprobs[j] == 0.0 for j in s.forced) and all(
-            s.logprobs[j] < 0.0 or True for j in sampled
-        )
+        assert all(s.logprobs[j] == 0.0 for j in s.forced) and all(s.logprobs[j] <= 0.0 for j in sampled)
         assert s.forced == list(range(s.forced[0], s.turn_starts[1]))
     # the same conversation through apply_chat_template gives the same ids (canonical turns, see above)
     for chat, t, (prompt_ids, s) in zip(chats, modes, by_prompt.items(), strict=True):
@@ -173,9 +171,17 @@ def test_text_episodes_are_token_exact_and_every_tool_failure_is_answered(text_p
             assert tok.encode(rendered, add_special_tokens=False)[: len(prompt_ids) + len(s.token_ids)] == (
                 list(prompt_ids) + s.token_ids
             )
-    # the tools' timing never changes an episode (resume repeats the same episodes)
+    # the tools' timing never changes an episode's tokens (resume repeats the same episodes); logprobs
+    # move by up to ~3e-6 with the requests that share an engine step (measured, prefix cache on or off)
     again = [r.samples[0] for r in engine.generate_episodes(requests, cfg)]
-    assert [(s.token_ids, s.logprobs) for s in again] == [(s.token_ids, s.logprobs) for s in samples]
+    assert [s.token_ids for s in again] == [s.token_ids for s in samples]
+    pairs = [
+        (a, b)
+        for x, y in zip(again, samples, strict=True)
+        for a, b in zip(x.logprobs, y.logprobs, strict=True)
+    ]
+    drift = max(abs(a - b) for a, b in pairs)
+    assert drift < 1e-5
 
 
 def test_vl_crop_zoom_rl_end_to_end_and_exact_resume(tmp_path: Path, tiny_vl_model: Path) -> None:
