@@ -2,24 +2,27 @@
 (V = 151,936), in bytes per (loss token × vocabulary entry) above the model's own memory.
 
     python bench/memory_bench.py [--batch 4] [--seq-len 512] [--hidden 1024] [--layers 1]
-                                 [--dtype float32|bfloat16] [--device cpu|cuda] [--count-logits]
+                                 [--dtype float32|bfloat16] [--device cpu|cuda] [--chunk-mib 64]
                                  [--out runs/bench]
 
 The model is a random Qwen3 built here (nothing is downloaded): the real vocabulary, Qwen3-0.6B's widths
 at the default `--hidden 1024` (head_dim 128, intermediate 3 × hidden), `--layers` decoder layers, untied
-LM head. The objectives are the learner's own, called as `Learner.step` calls them: SFT's `NLL`, RL's
-`RLObjective` (default GRPO config, entropy_coef 0 and 0.01; on-policy, no KL), distillation's
-`DistillObjective` (top-16 forward KL with the tail bucket; the sampled reverse-KL estimator). Every one of
-the B × T tokens but each row's last carries loss, so loss tokens = B × (T - 1).
+LM head. The objectives are the learner's own, called as `Learner.step` calls them (the model's forward
+with the chunked loss head, `posttrain.loss_head.per_token`, at `model.logits_chunk_mib` = `--chunk-mib`):
+SFT's `NLL`, RL's `RLObjective` (default GRPO config, entropy_coef 0 and 0.01; on-policy, no KL),
+distillation's `DistillObjective` (top-16 forward KL with the tail bucket; the sampled reverse-KL
+estimator). Every one of the B × T tokens but each row's last carries loss, so loss tokens = B × (T - 1).
 
 Each objective runs in a fresh child process (peaks never leak from one to the next): a warm-up pass on a
 short batch (kernels, allocator, and the parameters' gradient buffers), then the measured pass in three
 phases, each read by posttrain.memory.PeakMemory (the reader behind `memory/learner_peak_gib`: peak RSS
-through the kernel's resettable high-water mark on CPU, the allocator's peak on CUDA): the model's forward,
-the objective's call (its forward: what it keeps for backward), and the backward. The baseline is the
-memory in use when the forward begins: weights, gradient buffers, inputs and the objective's batch, plus,
-with `--count-logits`, the size of the forward's logits tensor (counted as the model's own, so the figures
-are what the loss path adds on top of it). Prints a table and writes `OUT/memory_bench.json`.
+through the kernel's resettable high-water mark on CPU, the allocator's peak on CUDA): the model's forward
+(with the loss head: what it keeps for backward), the objective's call on the per-position values, and the
+backward. The baseline is the memory in use when the forward begins: weights, gradient buffers, inputs and
+the objective's batch. `model`, the model's own pass, runs first the same way with a loss that needs no
+vocabulary-wide tensor (the plain forward keeping only the last position's logits): the body's
+activations and backward and the weights' gradients (the LM head's and the embedding's, V × hidden each);
+`above model` is each objective's peak above that one. Prints a table and writes `OUT/memory_bench.json`.
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ COLUMNS = [
 FORMATS = ["<16", ">8.2f", ">9.2f", ">11.2f", ">7.2f", ">6.2f", ">6.2f", ">8.2f", ">7.1f"]
 
 
+def chunk_mib_default() -> float:
+    from posttrain.config import ModelConfig
+
+    return float(ModelConfig.model_fields["logits_chunk_mib"].default)
+
+
 def parse_args() -> argparse.Namespace:
     p = common.parser(__doc__)
     p.add_argument("--batch", type=int, default=4, help="sequences per forward (B)")
@@ -68,11 +77,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--count-logits", action="store_true", help="the logits tensor is part of the baseline")
+    p.add_argument("--chunk-mib", type=float, default=chunk_mib_default(), help="model.logits_chunk_mib")
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
-    p.add_argument(
-        "--measure", choices=(MODEL_ALONE, *OBJECTIVES), help=argparse.SUPPRESS
-    )  # the child's one objective
+    # --measure: the one objective a child process measures
+    p.add_argument("--measure", choices=(MODEL_ALONE, *OBJECTIVES), help=argparse.SUPPRESS)
     return common.parse(p)
 
 
@@ -162,22 +170,7 @@ def distill_sampled_batch(ids: Tensor) -> tuple[Objective, Tensors]:
     return DistillObjective(LossConfig(type="reverse_kl", estimator="sampled")), batch
 
 
-@dataclass(frozen=True)
-class ModelAlone:
-    """The model's own pass: the loss of one position per row (the forward keeps only the last logits),
-    so its peak is the body's activations and backward and the weights' gradients, LM head's included,
-    with nothing vocabulary-wide per token."""
-
-    def __call__(self, logits: Tensor, input_ids: Tensor, batch: Tensors, norms: Any) -> Any:
-        return logits.float().logsumexp(dim=-1).sum(), {}
-
-
-def model_alone_batch(ids: Tensor) -> tuple[Objective, Tensors]:
-    return ModelAlone(), {}
-
-
 BATCHES: dict[str, Callable[[Tensor], tuple[Objective, Tensors]]] = {
-    MODEL_ALONE: model_alone_batch,
     "sft": sft_batch,
     "rl": rl_batch(0.0),
     "rl_entropy": rl_batch(ENTROPY_COEF),
@@ -214,27 +207,46 @@ def measured(device: str, fn: Callable[[], Any]) -> tuple[Any, Phase]:
     return out, phase
 
 
-def one_pass(model: Any, name: str, shape: tuple[int, int], device: str) -> tuple[dict[str, Phase], int]:
-    """Forward, the objective and backward on a random [B, T] batch: (each phase, the logits' bytes)."""
-    import torch
+Pass = tuple[Callable[[], Any], Callable[[Any], "Tensor"]]
+"""(the forward, the loss of what the forward returned)."""
 
+
+def model_alone(model: Any, ids: Tensor) -> Pass:
+    """The model's own pass: the plain forward keeping the last position's logits, their logsumexp."""
+    return (
+        lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits,
+        lambda logits: logits.float().logsumexp(dim=-1).sum(),
+    )
+
+
+def objective_pass(model: Any, name: str, ids: Tensor, chunk_mib: float) -> Pass:
+    """The learner's: the forward with the loss head computing what `name`'s objective asks per position
+    (Learner._backward), then the objective."""
+    from posttrain.loss_head import per_token
     from posttrain.objectives import Norms
 
-    b, t = shape
-    ids = torch.randint(VOCAB, shape, device=device)
+    b, t = ids.shape
     objective, batch = BATCHES[name](ids)
     norms = Norms(tokens=float(b * (t - 1)), seqs=float(b), norm_length=float(t - 1))
-    keep = 1 if name == MODEL_ALONE else 0  # 0: every position's logits
-    logits, forward = measured(
-        device, lambda: model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    request = objective.terms(ids, batch, norms)
+    return (
+        lambda: per_token(model, {"input_ids": ids}, request, chunk_mib),
+        lambda values: objective(values, ids, batch, norms)[0],
     )
-    (loss, _), loss_phase = measured(device, lambda: objective(logits, ids, batch, norms))
-    _, backward = measured(device, loss.backward)  # the logits stay alive, as in Learner.step
-    return {
-        "forward": forward,
-        "loss": loss_phase,
-        "backward": backward,
-    }, logits.numel() * logits.element_size()
+
+
+def one_pass(args: argparse.Namespace, model: Any, name: str, shape: tuple[int, int]) -> dict[str, Phase]:
+    """Forward, loss and backward of `name` on a random [B, T] batch, each phase measured."""
+    import torch
+
+    ids = torch.randint(VOCAB, shape, device=args.device)
+    forward_fn, loss_fn = (
+        model_alone(model, ids) if name == MODEL_ALONE else objective_pass(model, name, ids, args.chunk_mib)
+    )
+    out, forward = measured(args.device, forward_fn)
+    loss, loss_phase = measured(args.device, lambda: loss_fn(out))
+    _, backward = measured(args.device, loss.backward)
+    return {"forward": forward, "loss": loss_phase, "backward": backward}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,14 +256,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     threads = common.use_all_cores()
     model = build_model(args)
-    one_pass(model, args.measure, WARMUP_SHAPE, args.device)
+    one_pass(args, model, args.measure, WARMUP_SHAPE)
     model.zero_grad(set_to_none=False)  # the gradient buffers stay: they are the model's own
-    phases, logits_bytes = one_pass(model, args.measure, (args.batch, args.seq_len), args.device)
-    return {
-        "threads": threads,
-        "logits_bytes": logits_bytes,
-        "phases": {k: asdict(v) for k, v in phases.items()},
-    }
+    phases = one_pass(args, model, args.measure, (args.batch, args.seq_len))
+    return {"threads": threads, "phases": {k: asdict(v) for k, v in phases.items()}}
 
 
 def run_child(args: argparse.Namespace, name: str, folder: Path) -> dict[str, Any]:
@@ -275,7 +283,7 @@ def summarise(
     the baseline, in bytes per (loss token × vocabulary entry), the whole pass's peak, and that peak above
     the model's own pass's (`model_peak`, in the same unit)."""
     phases = {k: Phase(**v) for k, v in child["phases"].items()}
-    baseline = phases["forward"].start + (child["logits_bytes"] if args.count_logits else 0)
+    baseline = phases["forward"].start
     unit = args.batch * (args.seq_len - 1) * VOCAB
     above = {k: (p.peak - baseline) / unit for k, p in phases.items()}
     peak = max(p.peak for p in phases.values()) - baseline
@@ -326,13 +334,11 @@ def main() -> None:
         summarise(args, n, log.run(n, n, run_child, args, n, folder), own) for n in args.objectives
     ]
     tokens = args.batch * (args.seq_len - 1)
-    baseline = "weights + gradient buffers + inputs" + (" + the logits tensor" if args.count_logits else "")
     print(
         f"\nMemory bench: V = {VOCAB}, hidden {args.hidden}, {args.layers} layer(s), {args.dtype} on "
-        f"{args.device}, B × T = {args.batch} × {args.seq_len} ({tokens} loss tokens); "
-        f"1 B/(tok·V) = {tokens * VOCAB / 2**30:.2f} GiB; logits tensor "
-        f"{summaries[1]['logits_bytes'] / (tokens * VOCAB):.2f} B/(tok·V); baseline: {baseline} "
-        f"({summaries[0]['baseline_bytes'] / 2**30:.2f} GiB)"
+        f"{args.device}, B × T = {args.batch} × {args.seq_len} ({tokens} loss tokens), logits chunks of "
+        f"{args.chunk_mib:g} MiB; 1 B/(tok·V) = {tokens * VOCAB / 2**30:.2f} GiB; baseline: weights + "
+        f"gradient buffers + inputs ({summaries[0]['baseline_bytes'] / 2**30:.2f} GiB)"
     )
     print("B/(tok·V): the pass's peak above the baseline; above model: above the model's own pass (`model`);")
     print("forward / loss / backward: each phase's peak; held: in use when the objective returns")
