@@ -77,7 +77,7 @@ def parse(p: argparse.ArgumentParser, out: Path = Path("runs/bench")) -> argpars
     args = p.parse_args()
     if "global_batch" in args and args.global_batch % args.micro_batch:
         p.error("--global-batch must be a multiple of --micro-batch")
-    if getattr(args, "layers", None) is not None and args.size != REAL_SHAPE:
+    if "size" in args and args.layers is not None and args.size != REAL_SHAPE:
         p.error(f"--layers goes with --size {REAL_SHAPE}")
     return args
 
