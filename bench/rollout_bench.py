@@ -168,6 +168,16 @@ def engine_summary(actor: Any) -> dict[str, Any]:
     }
 
 
+def side_summary(seconds: list[float], tokens: int) -> dict[str, Any]:
+    """One side's generation figures: its timed repeats, their median and generated tokens/s."""
+    return {
+        "seconds": seconds,
+        "median_s": median(seconds),
+        "tokens": tokens,
+        "tokens_per_s": tokens / median(seconds),
+    }
+
+
 def bench_generation(
     args: argparse.Namespace, model: Path, prompts: list[list[int]], engines: Any
 ) -> dict[str, Any]:
@@ -226,15 +236,7 @@ def bench_generation(
             )
     finally:
         bare.shutdown()
-    side: dict[str, dict[str, Any]] = {
-        k: {
-            "seconds": times[k],
-            "median_s": median(times[k]),
-            "tokens": tokens[k.removesuffix("_roundtrip")],
-            "tokens_per_s": tokens[k.removesuffix("_roundtrip")] / median(times[k]),
-        }
-        for k in times
-    }
+    side = {k: side_summary(seconds, tokens[k.removesuffix("_roundtrip")]) for k, seconds in times.items()}
     return {
         "prompts": len(prompts),
         "prompt_tokens": sum(len(p) for p in prompts),
