@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ray
 import torch
 
 from posttrain.config import validate
@@ -53,6 +54,7 @@ def test_lora_adapter_export_reloads_exactly(tmp_path: Path, tiny_text_model: Pa
             train_step(learners, data, step, cfg)
         trained = learners.batch_logprobs(probe)
         final = run.export(learners, processing)
+    ray.shutdown()  # the stage started Ray in this process, as a driver does: later modules start their own
 
     assert 0 < counts["trainable"] < counts["total"] / 5
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in final.iterdir()}
