@@ -12,13 +12,13 @@ chunk, `finish_weight_update(weight_version)` (vLLM's `VLLMWeightSyncClient`). T
   nodes); posttrain's subclasses of vLLM's worker engines (posttrain/rollout/gpu_transfer.py) digest every
   received tensor on the GPU (`device_digest_parts`), for the same proof as `shm`.
 - `shm`, ours, works on any host where learner rank 0 and the engines share memory:
-
-- the sender copies bucket k into slot k % slots of a POSIX shared-memory file (sized once, reused by
-  every sync; the file is unlinked once every engine has mapped it, so nothing leaks if a process dies),
-  while a second thread computes the bucket's digests from the source tensors and a third issues the
-  engines' `update_weights` for bucket k-1 (a slot is rewritten only after every engine loaded it);
-- each engine (posttrain/rollout/shm_transfer.py) views its tensors in the mapping, digests them on a
-  second thread while vLLM's weight loaders copy them into the model, and reports the digests.
+  - the sender copies bucket k into slot k % slots of a POSIX shared-memory file (sized once, reused by
+    every sync; the file is unlinked once every engine has mapped it, so nothing leaks if a process
+    dies), while a second thread computes the bucket's digests from the source tensors and a third
+    issues the engines' `update_weights` for bucket k-1 (a slot is rewritten only after every engine
+    loaded it);
+  - each engine (posttrain/rollout/shm_transfer.py) views its tensors in the mapping, digests them on a
+    second thread while vLLM's weight loaders copy them into the model, and reports the digests.
 
 The receiving side (`RolloutEngine`) and the proof (digests against the `SyncManifest`, then the logprob
 probe) are posttrain.rollout's.
