@@ -19,7 +19,7 @@ from posttrain.config import (
     check_fits,
 )
 from posttrain.rewards.config import RewardsConfig
-from posttrain.rollout.config import RolloutConfig, SamplingConfig
+from posttrain.rollout.config import RolloutConfig, SamplingConfig, check_weight_transfer
 
 MAX_TOP_K = 20
 """vLLM's `max_logprobs` as the rollout engines start it: the most top-k entries a teacher reports."""
@@ -185,6 +185,7 @@ class DistillConfig(TrainingStage):
                 "rollout.colocate is supported by `posttrain rl` only so far (on-policy distillation's "
                 "teacher engines would need a share of the device too): set rollout.colocate: false"
             )
+        check_weight_transfer(self.rollout, self.device)
         if mode == "on_policy":
             if self.train.max_steps is None:
                 raise ValueError("mode=on_policy needs train.max_steps")

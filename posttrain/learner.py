@@ -23,7 +23,7 @@ from posttrain.losses import NextTokenLogprobs, lr_multiplier
 from posttrain.memory import PeakMemory, rss_bytes
 from posttrain.metrics import quiet_libraries
 from posttrain.objectives import Norms, Objective, StepStats, merge_stats
-from posttrain.weight_transfer import EngineClient, ShmSender, send_module
+from posttrain.weight_transfer import EngineClient, GatherOnly, ModuleSender, ShmSender, TransferBackend
 from posttrain.weights import ModuleBuckets, SyncManifest
 from posttrain.workers import resolve_device
 
@@ -49,6 +49,15 @@ class ResidentMemory:
     total_bytes: int
     moved_bytes: int
     seconds: float
+
+
+def make_sender(backend: TransferBackend, rank: int) -> ModuleSender:
+    """Learner rank `rank`'s weight sender for engines receiving with `backend`."""
+    if backend in ("ipc", "nccl"):
+        from posttrain.gpu_sender import VllmSender  # imports torch and vLLM at module level
+
+        return VllmSender(backend, rank)
+    return ShmSender() if rank == 0 else GatherOnly()
 
 
 def deepspeed_config(cfg: TrainingStage) -> dict[str, Any]:
@@ -156,7 +165,8 @@ class Learner:
         from posttrain.ds_checkpoint import SafeCheckpointEngine  # imports deepspeed: actors only
 
         self.engine.checkpoint_engine = SafeCheckpointEngine()
-        self._sender: ShmSender | None = None  # rank 0: the weight sender, its shared memory kept
+        self._sender: ModuleSender | None = None  # for the engines' backend, its buffers kept
+        self._sender_backend: TransferBackend = "shm"
         self._frozen: dict[str, int] = {}  # digests of the frozen parameters, as last sent
 
     # ------------------------------------------------------------------------------------------ training
@@ -223,20 +233,28 @@ class Learner:
     def send_weights(
         self, client: EngineClient, version: int, bucket_mb: float, slots: int | None, include_frozen: bool
     ) -> SyncManifest | None:
-        """All ranks gather (ZeRO-3); rank 0 sends every bucket to the engines through `client` and
-        returns the manifest. Frozen parameters go only with `include_frozen` (or before they ever went);
-        otherwise the manifest lists them with the digests they had when sent."""
+        """All ranks gather (ZeRO-3) and take part in the send with the engines' backend (`client.backend`);
+        rank 0 drives it and returns the manifest. Frozen parameters go only with `include_frozen` (or
+        before they ever went); otherwise the manifest lists them with the digests they had when sent."""
         zero3 = self.cfg.learners.zero_stage == 3
-        weights = ModuleBuckets(self.engine.module, bucket_mb, zero3, include_frozen or not self._frozen)
-        if self.rank == 0 and self._sender is None:
-            self._sender = ShmSender()
-        manifest = send_module(self._sender, weights, client, version, slots)
+        include = include_frozen or not self._frozen
+        on_device = client.backend != "shm"  # ipc and nccl send from the GPU
+        weights = ModuleBuckets(self.engine.module, bucket_mb, zero3, include, on_device)
+        manifest = self._sender_for(client.backend).send_module(weights, client, version, slots)
         if manifest is not None:
             if weights.include_frozen:
                 self._frozen = {n: manifest.checksums[n] for n in weights.frozen}
             else:
                 manifest.held = dict(self._frozen)
         return manifest
+
+    def _sender_for(self, backend: TransferBackend) -> ModuleSender:
+        """The sender of `backend`, made at the first sync (or when the engines' backend changed)."""
+        if self._sender is None or self._sender_backend != backend:
+            if self._sender is not None:
+                self._sender.close()
+            self._sender, self._sender_backend = make_sender(backend, self.rank), backend
+        return self._sender
 
     # -------------------------------------------------------------------------------------- colocation
 

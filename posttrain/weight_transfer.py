@@ -4,15 +4,21 @@ control plane, and the wire format of our shared-memory backend.
 vLLM (vllm/distributed/weight_transfer) builds, in each engine worker, the worker-side engine registered
 under `weight_transfer_config={"backend": NAME}`; a trainer drives it with four calls on every engine:
 `init_weight_transfer_engine(init_info)`, `start_weight_update()`, one `update_weights(update_info)` per
-chunk, `finish_weight_update(weight_version)` (vLLM's `VLLMWeightSyncClient`). vLLM's own backends (`nccl`,
-`ipc`) need GPUs. Ours, `shm`, works on any host where learner and engines share memory:
+chunk, `finish_weight_update(weight_version)` (vLLM's `VLLMWeightSyncClient`). Three backends
+(`rollout.weight_transfer`), one sender interface (`ModuleSender`, made by posttrain.learner.make_sender):
 
-- the sender copies bucket k into slot k % slots of a POSIX shared-memory file (sized once, reused by
-  every sync; the file is unlinked once every engine has mapped it, so nothing leaks if a process dies),
-  while a second thread computes the bucket's digests from the source tensors and a third issues the
-  engines' `update_weights` for bucket k-1 (a slot is rewritten only after every engine loaded it);
-- each engine (posttrain/rollout/shm_transfer.py) views its tensors in the mapping, digests them on a
-  second thread while vLLM's weight loaders copy them into the model, and reports the digests.
+- `ipc` / `nccl`: vLLM's own, for CUDA: its trainer engines (posttrain/gpu_sender.py) send the learner's
+  device buckets through CUDA IPC (learner and engine on one GPU) or an NCCL broadcast (between GPUs and
+  nodes); posttrain's subclasses of vLLM's worker engines (posttrain/rollout/gpu_transfer.py) digest every
+  received tensor on the GPU (`device_digest_parts`), for the same proof as `shm`.
+- `shm`, ours, works on any host where learner rank 0 and the engines share memory:
+  - the sender copies bucket k into slot k % slots of a POSIX shared-memory file (sized once, reused by
+    every sync; the file is unlinked once every engine has mapped it, so nothing leaks if a process
+    dies), while a second thread computes the bucket's digests from the source tensors and a third
+    issues the engines' `update_weights` for bucket k-1 (a slot is rewritten only after every engine
+    loaded it);
+  - each engine (posttrain/rollout/shm_transfer.py) views its tensors in the mapping, digests them on a
+    second thread while vLLM's weight loaders copy them into the model, and reports the digests.
 
 The receiving side (`RolloutEngine`) and the proof (digests against the `SyncManifest`, then the logprob
 probe) are posttrain.rollout's.
@@ -27,7 +33,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from posttrain.weights import Bucket, ModuleBuckets, SyncManifest, bucket_digests, nbytes, tensor_bytes
@@ -38,10 +44,18 @@ if TYPE_CHECKING:
     from ray import ObjectRef
     from ray.actor import ActorHandle
 
-TransferBackend = Literal["shm"]
-"""`rollout.weight_transfer`: the backend engines receive weights with (issue 15 adds vLLM's ipc, nccl)."""
-VLLM_BACKENDS: dict[str, str] = {"shm": "posttrain_shm"}
+TransferBackend = Literal["shm", "ipc", "nccl"]
+"""`rollout.weight_transfer`: the backend engines receive weights with."""
+VLLM_BACKENDS: dict[str, str] = {"shm": "posttrain_shm", "ipc": "posttrain_ipc", "nccl": "posttrain_nccl"}
 """Our backend names -> the names registered with vLLM's WeightTransferEngineFactory."""
+ENGINE_CLASSES: dict[str, tuple[str, str]] = {
+    "shm": ("posttrain.rollout.shm_transfer", "ShmWeightTransferEngine"),
+    "ipc": ("posttrain.rollout.gpu_transfer", "DigestingIpcEngine"),
+    "nccl": ("posttrain.rollout.gpu_transfer", "DigestingNcclEngine"),
+}
+"""The worker-side engine of each backend (module, class), imported by vLLM when an engine starts."""
+UpdatePayload = dict[str, Any] | list[dict[str, Any]]
+"""vLLM's `WeightTransferUpdatePayload`: one update info, or one per engine worker."""
 ALIGN = 64  # tensor offsets in a slot: a cache line, so every dtype's view is aligned
 SHM_DIR = "/dev/shm"
 
@@ -62,13 +76,19 @@ class WeightSyncError(RuntimeError):
 
 class EngineClient(Protocol):
     """vLLM's `VLLMWeightSyncClient`: the four calls a sender makes on the engines (each blocks until every
-    engine has answered)."""
+    engine has answered), the backend they receive with and how many engine workers receive (an NCCL
+    group holds them all and the sender)."""
+
+    backend: TransferBackend
+
+    @property
+    def receivers(self) -> int: ...
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None: ...
 
     def start_weight_update(self) -> None: ...
 
-    def update_weights(self, update_info: dict[str, Any]) -> None: ...
+    def update_weights(self, update_info: UpdatePayload) -> None: ...
 
     def finish_weight_update(self, weight_version: str | None = None) -> None: ...
 
@@ -107,6 +127,18 @@ def gather_engine_calls(
     return answers
 
 
+def engine_init_infos(
+    init_info: dict[str, Any], engines: int, workers_per_engine: int
+) -> list[dict[str, Any]]:
+    """Each engine's init info. vLLM numbers the NCCL ranks of one engine's workers from `rank_offset`;
+    ours are separate engines (each its own data-parallel rank 0), so engine i's start after engine
+    i-1's. Other backends' info goes to every engine as it is."""
+    if "rank_offset" not in init_info:
+        return [init_info] * engines
+    first = int(init_info["rank_offset"])
+    return [{**init_info, "rank_offset": first + i * workers_per_engine} for i in range(engines)]
+
+
 @dataclass
 class RayEngineClient:
     """An `EngineClient` over the engine actors of one group, for the sync to `version`: each call runs on
@@ -116,18 +148,26 @@ class RayEngineClient:
     names: list[str]
     version: int
     timeout_s: float
+    backend: TransferBackend = "shm"
+    workers_per_engine: int = 1
+
+    @property
+    def receivers(self) -> int:
+        return len(self.actors) * self.workers_per_engine
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         calls = [getattr(a, method).remote(*args) for a in self.actors]
         return gather_engine_calls(self.version, self.names, calls, self.timeout_s)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._all("init_weight_transfer_engine", init_info)
+        infos = engine_init_infos(init_info, len(self.actors), self.workers_per_engine)
+        calls = [a.init_weight_transfer_engine.remote(i) for a, i in zip(self.actors, infos, strict=True)]
+        gather_engine_calls(self.version, self.names, calls, self.timeout_s)
 
     def start_weight_update(self) -> None:
         self._all("start_weight_update", self.version)
 
-    def update_weights(self, update_info: dict[str, Any]) -> None:
+    def update_weights(self, update_info: UpdatePayload) -> None:
         self._all("update_weights", update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
@@ -235,6 +275,20 @@ class Clock:
         self._last = now
 
 
+@dataclass
+class Receipt:
+    """What one engine worker's backend received in the current update, for the engine's proof: each
+    tensor's digest, the bytes, and the update's seconds by phase."""
+
+    digests: dict[str, int] = field(default_factory=dict)
+    nbytes: int = 0
+    clock: Clock = field(default_factory=Clock)
+
+    def add(self, names: Sequence[str], digests: Sequence[int], size: int) -> None:
+        self.digests.update(zip(names, digests, strict=True))
+        self.nbytes += size
+
+
 def slot_layout(bucket: Bucket) -> tuple[list[int], int]:
     """Each tensor's offset in a slot (ALIGN-aligned) and the bytes the slot needs."""
     offsets, end = [], 0
@@ -257,6 +311,40 @@ def slot_bases(bucket_bytes: Sequence[int], slots: int | None) -> tuple[list[int
 
 def aligned_size(sizes: Iterable[int]) -> int:
     return sum(-(-s // ALIGN) * ALIGN for s in sizes)
+
+
+class ModuleSender(Protocol):
+    """What a learner rank holds to push its module to the engines, one per backend, kept across syncs."""
+
+    phases: dict[str, float]
+    """Seconds of the last send, by phase (benchmarks read them)."""
+
+    def send_module(
+        self, weights: ModuleBuckets, client: EngineClient, version: int, slots: int | None
+    ) -> SyncManifest | None:
+        """Drive one update of every engine through `client` (every rank calls it: ZeRO-3 gathers are
+        collective); the sending rank returns the manifest of what it sent, the others None. `slots`:
+        buckets in flight (shm only; vLLM's backends double-buffer themselves)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class GatherOnly:
+    """The shm sender of a rank that does not send: it runs the ZeRO-3 gathers with the sending rank."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    def send_module(
+        self, weights: ModuleBuckets, client: EngineClient, version: int, slots: int | None
+    ) -> SyncManifest | None:
+        for _ in weights:
+            pass
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 class ShmSender:
@@ -307,6 +395,11 @@ class ShmSender:
         self.phases = clock.laps
         return manifest
 
+    def send_module(
+        self, weights: ModuleBuckets, client: EngineClient, version: int, slots: int | None
+    ) -> SyncManifest:
+        return self.send(weights, [aligned_size(s) for s in weights.sizes], client, version, slots)
+
     def _write(
         self, bucket: Bucket, region: ShmRegion, base: int, manifest: SyncManifest, reused: bool
     ) -> ShmUpdateInfo:
@@ -348,16 +441,3 @@ def send_buckets(
 ) -> SyncManifest:
     """Buckets already in memory (tests, a driver holding a model) through `sender`."""
     return sender.send(buckets, [slot_layout(b)[1] for b in buckets], client, version)
-
-
-def send_module(
-    sender: ShmSender | None, weights: ModuleBuckets, client: EngineClient, version: int, slots: int | None
-) -> SyncManifest | None:
-    """Every rank iterates `weights` (ZeRO-3 gathers are collective); the rank holding a `sender` sends
-    and returns the manifest, the others None."""
-    if sender is None:
-        for _ in weights:
-            pass
-        return None
-    sizes = [aligned_size(s) for s in weights.sizes]
-    return sender.send(weights, sizes, client, version, slots)

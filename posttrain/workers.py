@@ -148,7 +148,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rendezvous_address() -> tuple[str, int]:
+def rendezvous_address() -> tuple[str, int]:
+    """This node's address and a port free on it (a process group's rendezvous)."""
     import ray
 
     ip = ray.util.get_node_ip_address()
@@ -207,7 +208,7 @@ class WorkerGroup:
             return PlacementGroupSchedulingStrategy(self.placement_group, rank)
 
         # Rendezvous on rank 0's node: 127.0.0.1 locally, the node's address on a multi-node cluster.
-        probe = ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0))
+        probe = ray.remote(rendezvous_address).options(num_cpus=0, scheduling_strategy=in_bundle(0))
         master_addr, master_port = ray.get(probe.remote(), timeout=120)
         rendezvous = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
         remote_cls: Any = ray.remote(actor_cls)

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import DatasetSpec, OptimConfig, SFTInit, Strict, TrainingStage, check_fits
 from posttrain.rewards.config import RewardsConfig
-from posttrain.rollout.config import RolloutConfig, ToolsConfig
+from posttrain.rollout.config import RolloutConfig, ToolsConfig, check_weight_transfer
 
 Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 PolicyLoss = Literal["ppo", "gspo", "sapo"]
@@ -223,6 +223,7 @@ class RLConfig(TrainingStage):
         check_fits(sampled, "rollout.max_model_len", self.rollout.max_model_len)
         if self.rollout.colocate:
             _check_colocation(self)
+        check_weight_transfer(self.rollout, self.device)
         return self
 
 

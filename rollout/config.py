@@ -45,7 +45,9 @@ class RolloutConfig(EngineSettings, SamplingConfig):
     and the engines load straight from it."""
     weight_transfer: TransferBackend = "shm"
     """vLLM weight-transfer backend the engines receive full weights with: `shm`, posttrain's
-    shared-memory backend (learner rank 0 and the engines on one host; CPU or GPU engines)."""
+    shared-memory backend (learner rank 0 and the engines on one host; CPU or GPU engines); on CUDA,
+    vLLM's `ipc` (learner and engine on one GPU: needs `colocate`) or `nccl` (engines on other GPUs or
+    nodes: not with `colocate`), which send from the learners' GPUs (not yet run on a GPU)."""
     bucket_mb: float = Field(64, gt=0)
     """Weight-sync bucket size."""
     probe_atol: float | None = Field(None, gt=0)
@@ -84,3 +86,26 @@ class ToolsConfig(Strict):
     max_episode_tokens: int = Field(1024, ge=1)
     """Response tokens of an episode, sampled and tool turns together (`max_tokens` limits each turn);
     an episode that reaches it is truncated."""
+
+
+def check_weight_transfer(rollout: RolloutConfig, device: str) -> None:
+    """Where `rollout.weight_transfer` cannot work, a ValueError naming the keys to change (`device`: the
+    stage's, "auto" passes here and is checked once resolved, by `start_policy_engines`)."""
+    backend = rollout.weight_transfer
+    if backend == "shm":
+        return
+    if device == "cpu":
+        raise ValueError(
+            f"rollout.weight_transfer: {backend} moves weights between CUDA devices, but device is cpu: "
+            "use rollout.weight_transfer: shm, or device: cuda"
+        )
+    if backend == "ipc" and not rollout.colocate:
+        raise ValueError(
+            "rollout.weight_transfer: ipc shares the learner's GPU memory with an engine on the same GPU, "
+            "which needs rollout.colocate: true; engines on their own GPUs take rollout.weight_transfer: nccl"
+        )
+    if backend == "nccl" and rollout.colocate:
+        raise ValueError(
+            "rollout.weight_transfer: nccl cannot connect a learner and an engine on the same GPU "
+            "(rollout.colocate: true): use rollout.weight_transfer: ipc"
+        )

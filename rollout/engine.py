@@ -6,14 +6,15 @@ of them through `posttrain.workers.WorkerGroup`, splits requests across them and
 With tensor_parallel_size 1 (CPU or GPU) the engine runs in the actor's own process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor backend "uni"): it loads in seconds on CPU. Weight updates
 use vLLM 0.32's weight-transfer API: the engine starts with `weight_transfer_config` naming a backend
-(`shm`: posttrain/rollout/shm_transfer.py), and a sender (posttrain.weight_transfer) calls the engine's
-methods of the API's names, which reach every worker:
+(`shm`: posttrain/rollout/shm_transfer.py; `ipc`, `nccl`: posttrain/rollout/gpu_transfer.py), and a sender
+(posttrain.weight_transfer) calls the engine's methods of the API's names, which reach every worker:
 
     RolloutEngine.update_weights(update_info)        # an actor call from the sender
       -> LLM.collective_rpc("update_weights", ...)   # -> EngineCore -> UniProcExecutor
       -> Worker.update_weights                       # CPUWorker is a gpu_worker.Worker
       -> ShmWeightTransferEngine.receive_weights     # vLLM's layerwise reload, started by
                                                      # start_weight_update, ended by finish
+                                                     # (or DigestingIpcEngine, DigestingNcclEngine)
 
 (CPU linear layers keep their weights packed for oneDNN and drop `layer.weight`, so the engine cannot
 checksum its own parameters: it digests what it received, and a logprob probe proves what it serves.)
@@ -33,9 +34,13 @@ from posttrain.rollout.multiturn import EpisodeLoop
 from posttrain.rollout.samples import RolloutRequest, RolloutResult, RolloutSample
 from posttrain.rollout.weight_sync import Probe, WeightSyncError
 from posttrain.weight_transfer import (
+    ENGINE_CLASSES,
+    VLLM_BACKENDS,
     RayEngineClient,
+    Receipt,
     ShmSender,
     TransferBackend,
+    UpdatePayload,
     gather_engine_calls,
     send_buckets,
 )
@@ -314,15 +319,18 @@ class RolloutEngine:
         self.think_end_ids = think_end_ids or list(
             self.tokenizer.encode(THINK_END_TEXT, add_special_tokens=False)
         )
-        self._init_weight_sync()
+        self._init_weight_sync(weight_transfer)
         self.asleep: set[str] = set()  # of SLEEP_TAGS: what `sleep` released and no wake restored yet
         self._tools: ToolRuntime | None = None  # started by the first `generate_episodes`
         self._tools_cfg: ToolsConfig | None = None
         self.load_seconds = time.perf_counter() - t0
 
-    def _init_weight_sync(self) -> None:
-        """The weight-transfer handshake, and the sync state: version 0 is the weights loaded at start."""
-        self.init_weight_transfer_engine({})
+    def _init_weight_sync(self, backend: TransferBackend) -> None:
+        """The weight-transfer handshake, and the sync state: version 0 is the weights loaded at start.
+        shm and ipc need nothing to agree on now (ipc's sender sends its packing at its first sync); nccl's
+        handshake is the NCCL group the sender sets up with every engine at its first sync."""
+        if backend != "nccl":
+            self.init_weight_transfer_engine({})
         self.version = 0
         self.dirty: str | None = None  # why the served weights are unknown (a failed sync), else None
         self._received: tuple[int, list[tuple[dict[str, int], int]]] | None = None  # awaiting `verify`
@@ -527,7 +535,8 @@ class RolloutEngine:
     # ---------------------------------------------------------------------------------- weight sync
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        """vLLM's weight-transfer handshake (the shm backend needs nothing: each bucket names its region)."""
+        """vLLM's weight-transfer handshake, in the backend's format (shm: nothing, each bucket names its
+        region; ipc: the sender's packing; nccl: the group's rendezvous and this engine's first rank)."""
         self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
 
     def start_weight_update(self, version: int) -> None:
@@ -537,14 +546,13 @@ class RolloutEngine:
         self.llm.collective_rpc(_end_unfinished_update)  # a sender that failed midway left one open
         self._transfer(version, "start_weight_update")
 
-    def update_weights(self, update_info: dict[str, Any]) -> None:
-        """One bucket, in the backend's format (posttrain.weight_transfer.ShmUpdateInfo for shm)."""
+    def update_weights(self, update_info: UpdatePayload) -> None:
+        """One bucket, in the backend's format (posttrain.weight_transfer.ShmUpdateInfo for shm, vLLM's
+        IPC / NCCL update info for ipc / nccl: for nccl, every tensor of the sync at once)."""
         self._transfer(None, "update_weights", {"update_info": update_info})
 
     def finish_weight_update(self, version: int) -> None:
         """All buckets are in: vLLM finishes the reload; the digests the workers computed wait for `verify`."""
-        from posttrain.rollout.shm_transfer import received_digests
-
         self._transfer(version, "finish_weight_update")
         self.llm.reset_prefix_cache()
         if self.is_vl:  # the scheduler would otherwise trust image embeddings of the old weights
@@ -673,12 +681,23 @@ def _end_unfinished_update(worker: Any) -> None:
         worker.finish_weight_update()
 
 
-def transfer_backend(name: TransferBackend) -> str:
-    """The vLLM backend name of ours, registered with vLLM's factory in this (engine) process."""
-    from posttrain.rollout.shm_transfer import register
+def received_digests(worker: Any) -> tuple[dict[str, int], int, dict[str, float]]:
+    """`LLM.collective_rpc` target: what this worker's backend received in the last update (digests,
+    bytes) and the update's seconds by phase (every posttrain backend keeps a `Receipt`)."""
+    receipt: Receipt = worker.weight_transfer_engine.receipt
+    return dict(receipt.digests), receipt.nbytes, dict(receipt.clock.laps)
 
-    assert name == "shm", name  # the config allows only the backends posttrain has
-    return register()
+
+def transfer_backend(name: TransferBackend) -> str:
+    """The vLLM backend name of ours, registered with vLLM's factory in this (engine) process: by module
+    path, so vLLM imports the worker-side engine only when it builds it."""
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory
+
+    registered = VLLM_BACKENDS[name]
+    if registered not in WeightTransferEngineFactory._registry:
+        module, cls = ENGINE_CLASSES[name]
+        WeightTransferEngineFactory.register_engine(registered, module, cls)
+    return registered
 
 
 def _with(r: RolloutRequest, **changes: Any) -> RolloutRequest:
@@ -827,6 +846,8 @@ class RolloutGroup:
         self.infos = self._started(model_path, start_timeout_s, config_key, model_key)
         self.start_seconds = time.perf_counter() - t0
         self.sync_timeout_s = sync_timeout_s
+        self.weight_transfer: TransferBackend = engine_kwargs.get("weight_transfer", "shm")
+        self.workers_per_engine = tp
         self.version = 0
         self.frozen_held = False  # every engine holds the frozen parameters: a push may leave them out
         self._sender: ShmSender | None = None  # for `update_weights` from this process
@@ -892,7 +913,14 @@ class RolloutGroup:
         `version`: each call reaches every engine within `sync_timeout_s` or raises WeightSyncError."""
         self.frozen_held = False  # the push may overwrite them: trusted again once `verify` passes
         names = [f"{self.workers.name}-{i}" for i in range(len(self.workers))]
-        return RayEngineClient(list(self.workers.actors), names, version, self.sync_timeout_s)
+        return RayEngineClient(
+            list(self.workers.actors),
+            names,
+            version,
+            self.sync_timeout_s,
+            self.weight_transfer,
+            self.workers_per_engine,
+        )
 
     def update_weights(
         self,
@@ -902,7 +930,13 @@ class RolloutGroup:
         probe: Probe | None = None,
     ) -> list[SyncReport]:
         """Push buckets held by this process as `version` to every engine and prove it: the received
-        digests against `manifest` (default: the digests of what was sent), then the probe."""
+        digests against `manifest` (default: the digests of what was sent), then the probe. Through
+        shared memory only: ipc and nccl send from a learner's GPU (`LearnerGroup.send_weights`)."""
+        if self.weight_transfer != "shm":
+            raise ValueError(
+                f"{self.name} engines receive with weight_transfer={self.weight_transfer}: buckets held by this "
+                "process go through shm only; push a learner group's weights with sync_from_learners"
+            )
         if self._sender is None:
             self._sender = ShmSender()
         sent = send_buckets(self._sender, buckets, self.transfer_client(version), version)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import TrainingStage
+from posttrain.config import ConfigError, TrainingStage
 from posttrain.data.errors import DataError
 from posttrain.data.order import epoch_order
 from posttrain.data.processing import tokenizer_of
@@ -237,11 +237,17 @@ def start_policy_engines(
     in the learners' bundles, with sleep mode and `memory_share` of each GPU (rollout/colocate.py)."""
     lora = cfg.model.lora
     colocated = {"gpu_memory_utilization": memory_share, "enable_sleep_mode": True} if placement else {}
+    device = resolve_device(cfg.device)
+    if device == "cpu" and rollout.weight_transfer != "shm":  # device: auto found no GPU
+        raise ConfigError(
+            f"rollout.weight_transfer: {rollout.weight_transfer} needs CUDA, and device {cfg.device} "
+            "resolved to cpu here: use rollout.weight_transfer: shm"
+        )
     return RolloutGroup(
         model_path,
         rollout.num_engines,
         num_cpus=rollout.cpus_per_engine,
-        device=resolve_device(cfg.device),
+        device=device,
         name=name,
         sync_timeout_s=rollout.sync_timeout_s,
         ray_address=cfg.ray.address,

@@ -1,11 +1,11 @@
 """The engine side of the shm weight-transfer backend: a vLLM `WeightTransferEngine`, built by vLLM in
 each worker of an engine started with `weight_transfer_config={"backend": "posttrain_shm"}` (registered
-by `register`). Imported only in engine processes (it imports vLLM).
+by posttrain.rollout.engine). Imported only in engine processes (it imports vLLM).
 
 As vLLM's own checkpoint-format backends (ipc), `start_weight_update` begins vLLM's layerwise in-place
 reload and `finish_weight_update` ends it; each `update_weights` loads one bucket straight from the
 sender's shared memory (posttrain.weight_transfer) through the model's weight loaders (copied out first
-when the sender reuses the slot), while a second thread digests the same bytes. The digests wait in `received` for the engine's proof. Layers whose
+when the sender reuses the slot), while a second thread digests the same bytes. The digests wait in `receipt` for the engine's proof. Layers whose
 weights are not sent (a frozen vision tower) keep theirs: vLLM warns once per such layer and sync, which
 `_QuietUnsentLayers` silences.
 """
@@ -23,20 +23,10 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from posttrain.weight_transfer import VLLM_BACKENDS, Clock, ShmRegion, ShmUpdateInfo
+from posttrain.weight_transfer import Receipt, ShmRegion, ShmUpdateInfo
 from posttrain.weights import bucket_digests, nbytes
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-
-
-def register() -> str:
-    """Register the backend with vLLM's factory (once per process); returns its name for the config."""
-    from vllm.distributed.weight_transfer import WeightTransferEngineFactory
-
-    name = VLLM_BACKENDS["shm"]
-    if name not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(name, __name__, "ShmWeightTransferEngine")
-    return name
 
 
 @dataclass
@@ -61,9 +51,7 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmBucket]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.region: ShmRegion | None = None
-        self.received: dict[str, int] = {}
-        self.nbytes = 0
-        self.clock = Clock()  # seconds of the current update, by phase
+        self.receipt = Receipt()
         self.hasher = ThreadPoolExecutor(1, thread_name_prefix="weight-digest")
         logging.getLogger(RELOAD_LOGGER).addFilter(_QuietUnsentLayers())
 
@@ -73,32 +61,32 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmBucket]):
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        self.received, self.nbytes, self.clock = {}, 0, Clock()
+        self.receipt = Receipt()
         initialize_layerwise_reload(self.model)
-        self.clock.lap("start_s")
+        self.receipt.clock.lap("start_s")
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         self.receive_weights(self.parse_update_info(update_info))  # CPU: nothing to synchronize
 
     def receive_weights(self, update_info: ShmBucket) -> None:
-        self.clock.lap("between_s")
+        clock = self.receipt.clock
+        clock.lap("between_s")
         tensors = self._mapped(update_info).tensors(update_info)
         digests = self.hasher.submit(bucket_digests, [t for _, t in tensors])
         if update_info.reused:  # the slot is rewritten before vLLM has necessarily used every tensor
             tensors = [(n, t.clone()) for n, t in tensors]
         model: Any = self.model  # vLLM models define load_weights; nn.Module does not
         model.load_weights(tensors)
-        self.clock.lap("load_s")
-        self.received.update(zip(update_info.names, digests.result(), strict=True))
-        self.clock.lap("digest_wait_s")
-        self.nbytes += sum(nbytes(t) for _, t in tensors)
+        clock.lap("load_s")
+        self.receipt.add(update_info.names, digests.result(), sum(nbytes(t) for _, t in tensors))
+        clock.lap("digest_wait_s")
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        self.clock.lap("between_s")
+        self.receipt.clock.lap("between_s")
         finalize_layerwise_reload(self.model, self.model_config)
-        self.clock.lap("finish_s")
+        self.receipt.clock.lap("finish_s")
 
     def _mapped(self, info: ShmBucket) -> ShmRegion:
         """The sender's region, mapped once and kept (a new sender or a larger region replaces it)."""
@@ -117,10 +105,3 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmBucket]):
         if self.region is not None:
             self.region.close()
             self.region = None
-
-
-def received_digests(worker: Any) -> tuple[dict[str, int], int, dict[str, float]]:
-    """`LLM.collective_rpc` target: what this worker's backend received in the last update (digests,
-    bytes) and the update's seconds by phase."""
-    engine: ShmWeightTransferEngine = worker.weight_transfer_engine
-    return dict(engine.received), engine.nbytes, dict(engine.clock.laps)

@@ -200,3 +200,29 @@ def test_colocated_grpo_takes_turns_and_trains_as_the_split_run(
             if not k.startswith(("time/", "eval/")) and "seconds" not in k and "_per_s" not in k
         }
         assert {k: got[k] for k in shared} == pytest.approx({k: want[k] for k in shared}, rel=1e-6, abs=1e-6)
+
+
+GPU_TRANSFER = {
+    "ipc-zero2": ["rollout.colocate=true", "learners.zero_stage=2", "rollout.weight_transfer=ipc"],
+    "ipc-zero3": ["rollout.colocate=true", "learners.zero_stage=3", "rollout.weight_transfer=ipc"],
+    "nccl-split": ["rollout.weight_transfer=nccl", "learners.gpus_per_learner=1"],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GPU_TRANSFER))
+def test_grpo_syncs_over_vllms_gpu_backends(
+    variant: str, tmp_path: Path, tiny_text_model: Path, arithmetic: Path
+) -> None:
+    """Two bf16 GRPO steps whose syncs go over vLLM's CUDA IPC (learner and engine on one GPU; ZeRO-2 and
+    ZeRO-3, gathered bucket by bucket) or NCCL (learner and engine on two GPUs), each proved by the
+    on-GPU digests and the probe, or the run fails."""
+    import torch
+
+    if variant.startswith("nccl") and torch.cuda.device_count() < 2:
+        pytest.skip("the split placement needs 2 GPUs")
+    out = tmp_path / "run"
+    _run(_cli(out, tiny_text_model, arithmetic, "device=cuda", "model.dtype=bfloat16", "rollout.probe_atol=0.05",
+              "train.max_steps=2", "data.eval=null", "checkpoint.every_steps=null", *GPU_TRANSFER[variant]))  # fmt: skip
+    rows = _train_rows(out)
+    assert [r["sync/version"] for r in rows] == [1.0, 2.0]  # each one proved: a failed proof ends the run

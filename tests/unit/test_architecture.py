@@ -40,9 +40,9 @@ DEFERRED = {
     ): "the stages import torch: `posttrain --help` stays instant",
     ("posttrain.learner", "posttrain.ds_checkpoint"): "imports deepspeed at module level: actors only",
     (
-        "posttrain.rollout.engine",
-        "posttrain.rollout.shm_transfer",
-    ): "imports vllm at module level: engines only",
+        "posttrain.learner",
+        "posttrain.gpu_sender",
+    ): "imports torch and vllm at module level: ipc / nccl senders only",
 }
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from posttrain.weight_transfer import (
+    GatherOnly,
     ShmRegion,
     ShmSender,
     ShmUpdateInfo,
     send_buckets,
-    send_module,
     slot_bases,
     slot_layout,
 )
@@ -120,20 +120,32 @@ def test_frozen_parameters_are_sent_once_then_proved_by_the_engines_digests() ->
     full = ModuleBuckets(model, bucket_mb=1, gather=False)
     assert full.frozen == {"visual.weight", "visual.bias"} and len(full.names) == 4
     sender, receiver = ShmSender(), Receiver()
-    first = send_module(sender, full, receiver, 1, None)
+    first = sender.send_module(full, receiver, 1, None)
     assert first is not None and set(first.checksums) == set(full.names)
     held = dict(receiver.received)  # what the engine verified
     receiver.received.clear()
     partial = ModuleBuckets(model, bucket_mb=1, gather=False, include_frozen=False)
-    later = send_module(sender, partial, receiver, 2, None)
+    later = sender.send_module(partial, receiver, 2, None)
     assert later is not None and set(later.checksums) == {"lm.weight", "lm.bias"} == set(receiver.received)
     later.held = {n: first.checksums[n] for n in full.frozen}
     assert later.compare(receiver.received, held) is None
     assert "not held from an earlier verified sync, e.g. visual" in (
         later.compare(receiver.received, {}) or ""
     )
-    assert send_module(None, partial, receiver, 3, None) is None  # a non-sending rank only iterates
+    assert GatherOnly().send_module(partial, receiver, 3, None) is None  # a non-sending rank only iterates
     sender.close()
+
+
+def test_each_rank_gets_the_sender_of_the_engines_backend() -> None:
+    from posttrain.learner import make_sender
+
+    assert isinstance(make_sender("shm", 0), ShmSender) and isinstance(make_sender("shm", 1), GatherOnly)
+    from posttrain.gpu_sender import VllmSender
+
+    for backend in ("ipc", "nccl"):
+        for rank in (0, 1):  # every rank takes part: IPC gathers every rank's handles
+            sender = make_sender(backend, rank)
+            assert isinstance(sender, VllmSender) and (sender.backend, sender.rank) == (backend, rank)
 
 
 def test_lora_module_is_refused() -> None:
