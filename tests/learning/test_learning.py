@@ -11,12 +11,17 @@ from posttrain.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 
 
+ENDS_ONLY = ("eval.every_steps=null", "checkpoint.every_steps=null")
+"""Evaluation at step 0 and after the last only: greedy evaluation does not change training, and the
+tests read just those two points (saves about a minute per run on 2 cores)."""
+
+
 def run_config(config: str, tmp_path: Path, *overrides: str) -> list[dict]:
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "posttrain", "sft", str(ROOT / config), f"output_dir={out}",
          f"model.path={tmp_path / 'model'}", f"data.train.0.path={tmp_path / 'data'}",
-         f"data.eval.path={tmp_path / 'data'}", "logging.progress=false", *overrides],
+         f"data.eval.path={tmp_path / 'data'}", "logging.progress=false", *ENDS_ONLY, *overrides],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -49,12 +54,12 @@ def run_rl(config: str, tmp_path: Path, *overrides: str) -> dict[int, float]:
 
     out, data = tmp_path / "rl", tmp_path / "data"
     init = yaml.safe_load((ROOT / config).read_text())["init_from_sft"]["overrides"]
-    init += [f"data.train.0.path={data}", f"data.eval.path={data}", "logging.progress=false"]
+    init += [f"data.train.0.path={data}", f"data.eval.path={data}", "logging.progress=false", *ENDS_ONLY]
     proc = subprocess.run(
         [sys.executable, "-m", "posttrain", "rl", str(ROOT / config), f"output_dir={out}",
          f"model.path={tmp_path / 'sft' / 'final'}", f"data.prompts.0.path={tmp_path / 'data'}",
          f"data.eval.path={tmp_path / 'data'}", "logging.progress=false", f"init_from_sft.overrides={init}",
-         *overrides],
+         *ENDS_ONLY, *overrides],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
