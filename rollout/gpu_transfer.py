@@ -17,11 +17,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine, IPCWeightTransferUpdateInfo
-from vllm.distributed.weight_transfer.nccl_engine import (
-    NCCLWeightTransferEngine,
-    NCCLWeightTransferUpdateInfo,
-)
+from vllm.distributed.weight_transfer.base import WeightTransferEngine
+from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
 from posttrain.weight_transfer import Receipt
 from posttrain.weights import device_digest_parts, device_digests, nbytes
@@ -52,31 +50,16 @@ class DigestingModel:
 
 
 @contextmanager
-def digesting(engine: IPCWeightTransferEngine | NCCLWeightTransferEngine, receipt: Receipt) -> Iterator[None]:
-    """`engine.model` stood in for by a DigestingModel while vLLM receives; then the digests (read once
-    the receive has drained its streams) go into `receipt`."""
-    receipt.clock.lap("between_s")
-    model = engine.model
-    stand_in = DigestingModel(model)
-    engine.model = stand_in  # type: ignore[assignment]  # duck-typed: vLLM calls load_weights only
-    try:
-        yield
-    finally:
-        engine.model = model
-    receipt.clock.lap("load_s")
-    receipt.add(stand_in.names, device_digests(stand_in.parts, stand_in.sizes), sum(stand_in.sizes))
-    receipt.clock.lap("digest_wait_s")
-
-
-@contextmanager
 def lapped(receipt: Receipt, phase: str) -> Iterator[None]:
     receipt.clock.lap("between_s")
     yield
     receipt.clock.lap(phase)
 
 
-class DigestingIpcEngine(IPCWeightTransferEngine):
-    """vLLM's IPC engine, digesting what it loads (`receipt`)."""
+class Digesting(WeightTransferEngine[Any, Any]):
+    """Put before one of vLLM's worker engines in the bases: the engine, digesting what it loads
+    (`receipt`). While vLLM receives, `self.model` is a DigestingModel; the digests are read once the
+    receive has drained its streams."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -85,33 +68,29 @@ class DigestingIpcEngine(IPCWeightTransferEngine):
     def start_weight_update(self) -> None:
         self.receipt = Receipt()
         with lapped(self.receipt, "start_s"):
-            super().start_weight_update()
+            super().start_weight_update()  # type: ignore[safe-super]  # a vLLM engine follows in the MRO
 
-    def receive_weights(self, update_info: IPCWeightTransferUpdateInfo) -> None:
-        with digesting(self, self.receipt):
-            super().receive_weights(update_info)
-
-    def finish_weight_update(self) -> None:
-        with lapped(self.receipt, "finish_s"):
-            super().finish_weight_update()
-
-
-class DigestingNcclEngine(NCCLWeightTransferEngine):
-    """vLLM's NCCL engine, digesting what it loads (`receipt`)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.receipt = Receipt()
-
-    def start_weight_update(self) -> None:
-        self.receipt = Receipt()
-        with lapped(self.receipt, "start_s"):
-            super().start_weight_update()
-
-    def receive_weights(self, update_info: NCCLWeightTransferUpdateInfo) -> None:
-        with digesting(self, self.receipt):
-            super().receive_weights(update_info)
+    def receive_weights(self, update_info: Any) -> None:
+        self.receipt.clock.lap("between_s")
+        model = self.model
+        stand_in = DigestingModel(model)
+        self.model = stand_in  # type: ignore[assignment]  # duck-typed: vLLM calls load_weights only
+        try:
+            super().receive_weights(update_info)  # type: ignore[safe-super]
+        finally:
+            self.model = model
+        self.receipt.clock.lap("load_s")
+        self.receipt.add(stand_in.names, device_digests(stand_in.parts, stand_in.sizes), sum(stand_in.sizes))
+        self.receipt.clock.lap("digest_wait_s")
 
     def finish_weight_update(self) -> None:
         with lapped(self.receipt, "finish_s"):
-            super().finish_weight_update()
+            super().finish_weight_update()  # type: ignore[safe-super]
+
+
+class DigestingIpcEngine(Digesting, IPCWeightTransferEngine):
+    """vLLM's IPC engine, digesting what it loads."""
+
+
+class DigestingNcclEngine(Digesting, NCCLWeightTransferEngine):
+    """vLLM's NCCL engine, digesting what it loads."""
