@@ -4,8 +4,9 @@ A (possibly ZeRO-3 partitioned, possibly DeepSpeed- or PEFT-wrapped) module beco
 `bucket_mb` (a larger tensor is a bucket of its own; q/k/v and gate/up stay together), gathering one
 bucket's parameters at a time. Each tensor's digest goes into a `SyncManifest` the receiver compares
 against: xxh3-64 of its bytes for buckets in host memory (shm), `device_digest_parts` for buckets that stay
-on the GPU (ipc, nccl), computed with torch integer ops on the tensor's own device, equal on CPU and CUDA. How buckets travel: posttrain.weight_transfer; the receiving side (engines,
-probes, strategies): posttrain.rollout.
+on the GPU (ipc, nccl), computed with torch integer ops on the tensor's own device, equal on CPU and CUDA.
+How buckets travel: posttrain.weight_transfer; the receiving side (engines, probes, strategies):
+posttrain.rollout.
 """
 
 from __future__ import annotations
