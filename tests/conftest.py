@@ -12,9 +12,9 @@ LONG_TESTS = {
 }
 """Run with POSTTRAIN_LONG_TESTS=1. Distillation: over 10 minutes on 2 cores (several full SFT runs). The
 tool-episode runs: their fixture overfits a tool policy for ~2-3 minutes, too long for CI until the
-policies are built cheaper. Tool RL: its SFT cold start alone is ~12 minutes on 2 cores. VL RL learning (2-2.5 min): kept out of CI
-for its 40-minute budget; CI keeps the text RL learning run, VL SFT learning and the VL RL integration
-steps (tests/integration/test_rl.py)."""
+policies are built cheaper. Tool RL: its SFT cold start alone is ~12 minutes on 2 cores. VL RL learning
+(2-2.5 min): out of CI for its 40-minute budget; CI keeps the text RL learning run, VL SFT learning and
+the VL RL integration steps (tests/integration/test_rl.py)."""
 
 TESTS = Path(__file__).parent
 TIERS = {
