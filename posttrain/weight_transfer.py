@@ -31,8 +31,9 @@ import mmap
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -287,6 +288,13 @@ class Receipt:
     def add(self, names: Sequence[str], digests: Sequence[int], size: int) -> None:
         self.digests.update(zip(names, digests, strict=True))
         self.nbytes += size
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """The block's seconds as `phase`; the time since the previous phase as `between_s`."""
+        self.clock.lap("between_s")
+        yield
+        self.clock.lap(phase)
 
 
 def slot_layout(bucket: Bucket) -> tuple[list[int], int]:

@@ -12,8 +12,7 @@ how vLLM receives (IPC handles, packed NCCL broadcasts on its own streams) stays
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -49,13 +48,6 @@ class DigestingModel:
         return getattr(self.model, name)
 
 
-@contextmanager
-def lapped(receipt: Receipt, phase: str) -> Iterator[None]:
-    receipt.clock.lap("between_s")
-    yield
-    receipt.clock.lap(phase)
-
-
 class Digesting(WeightTransferEngine[Any, Any]):
     """Put before one of vLLM's worker engines in the bases: the engine, digesting what it loads
     (`receipt`). While vLLM receives, `self.model` is a DigestingModel; the digests are read once the
@@ -67,7 +59,7 @@ class Digesting(WeightTransferEngine[Any, Any]):
 
     def start_weight_update(self) -> None:
         self.receipt = Receipt()
-        with lapped(self.receipt, "start_s"):
+        with self.receipt.timed("start_s"):
             super().start_weight_update()  # type: ignore[safe-super]  # a vLLM engine follows in the MRO
 
     def receive_weights(self, update_info: Any) -> None:
@@ -84,7 +76,7 @@ class Digesting(WeightTransferEngine[Any, Any]):
         self.receipt.clock.lap("digest_wait_s")
 
     def finish_weight_update(self) -> None:
-        with lapped(self.receipt, "finish_s"):
+        with self.receipt.timed("finish_s"):
             super().finish_weight_update()  # type: ignore[safe-super]
 
 

@@ -5,9 +5,9 @@ by posttrain.rollout.engine). Imported only in engine processes (it imports vLLM
 As vLLM's own checkpoint-format backends (ipc), `start_weight_update` begins vLLM's layerwise in-place
 reload and `finish_weight_update` ends it; each `update_weights` loads one bucket straight from the
 sender's shared memory (posttrain.weight_transfer) through the model's weight loaders (copied out first
-when the sender reuses the slot), while a second thread digests the same bytes. The digests wait in `receipt` for the engine's proof. Layers whose
-weights are not sent (a frozen vision tower) keep theirs: vLLM warns once per such layer and sync, which
-`_QuietUnsentLayers` silences.
+when the sender reuses the slot), while a second thread digests the same bytes. The digests wait in
+`receipt` for the engine's proof. Layers whose weights are not sent (a frozen vision tower) keep theirs:
+vLLM warns once per such layer and sync, which `_QuietUnsentLayers` silences.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmBucket]):
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         self.receipt = Receipt()
-        initialize_layerwise_reload(self.model)
-        self.receipt.clock.lap("start_s")
+        with self.receipt.timed("start_s"):
+            initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         self.receive_weights(self.parse_update_info(update_info))  # CPU: nothing to synchronize
@@ -84,9 +84,8 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmBucket]):
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        self.receipt.clock.lap("between_s")
-        finalize_layerwise_reload(self.model, self.model_config)
-        self.receipt.clock.lap("finish_s")
+        with self.receipt.timed("finish_s"):
+            finalize_layerwise_reload(self.model, self.model_config)
 
     def _mapped(self, info: ShmBucket) -> ShmRegion:
         """The sender's region, mapped once and kept (a new sender or a larger region replaces it)."""
