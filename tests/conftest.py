@@ -9,12 +9,16 @@ LONG_TESTS = {
     "test_vl_crop_zoom_rl_end_to_end_and_exact_resume",
     "test_tiny_rl_with_the_calculator_solves_long_additions",
     "test_tiny_vl_rl_improves_a_weak_sft_checkpoint",
+    "test_cpu_smoke_run_of_the_phases_other_tests_cover",
+    "test_tiny_vl_sft_learns_to_count_shapes",
 }
 """Run with POSTTRAIN_LONG_TESTS=1. Distillation: over 10 minutes on 2 cores (several full SFT runs). The
 tool-episode runs: their fixture overfits a tool policy for ~2-3 minutes, too long for CI until the
-policies are built cheaper. Tool RL: its SFT cold start alone is ~12 minutes on 2 cores. VL RL learning
-(2-2.5 min): out of CI for its 40-minute budget; CI keeps the text RL learning run, VL SFT learning and
-the VL RL integration steps (tests/integration/test_rl.py)."""
+policies are built cheaper. Tool RL: its SFT cold start alone is ~12 minutes on 2 cores. Out of CI for its
+40-minute budget: VL SFT and RL learning (~4 and 2-2.5 min; CI keeps the text SFT and RL learning runs and
+the VL integration runs: SFT, distillation, RL steps, engine parity), and the GPU smoke script's CPU run of
+the phases whose product code other integration tests run too (~2.5 min; CI runs its other phases,
+tests/integration/test_gpu_smoke.py)."""
 
 TESTS = Path(__file__).parent
 TIERS = {
