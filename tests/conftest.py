@@ -14,7 +14,7 @@ LONG_TESTS = {
 }
 """Run with POSTTRAIN_LONG_TESTS=1. Distillation: over 10 minutes on 2 cores (several full SFT runs). The
 tool-episode runs: their fixture overfits a tool policy for ~2-3 minutes, too long for CI until the
-policies are built cheaper. Tool RL: its SFT cold start alone is ~12 minutes on 2 cores. Out of CI for its
+policies are built cheaper. Tool RL: its SFT cold start alone is ~34 minutes on 2 cores. Out of CI for its
 40-minute budget: VL SFT and RL learning (~4 and 2-2.5 min; CI keeps the text SFT and RL learning runs and
 the VL integration runs: SFT, distillation, RL steps, engine parity), and the GPU smoke script's CPU run of
 the phases whose product code other integration tests run too (~2.5 min; CI runs its other phases,

@@ -1,5 +1,7 @@
 """The shipped tool-use RL chain learns: configs/tiny/rl_tools.yaml from its SFT cold start
-(configs/tiny/sft_tools_warm.yaml), the calculator taking held-out 4-5 digit additions from ~0 to >= 0.8."""
+(configs/tiny/sft_tools_warm.yaml), the calculator taking held-out 4-5 digit additions from ~0 to >= 0.8.
+Measured on 2 cores: the cold start 34.3 min (1.0 on test_long with the tool), RL 50 steps ~10 min, 1.0
+at every evaluation."""
 
 from __future__ import annotations
 
@@ -7,18 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from posttrain.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.xfail(
-    reason="measured 0.12-0.14 on test_long after 50 RL steps: the cold start copies the operands into the "
-    "call right only ~20% of the time and RL at this budget does not raise it (configs/tiny/rl_tools.yaml)",
-    strict=False,
-)
 def test_tiny_rl_with_the_calculator_solves_long_additions(tmp_path: Path) -> None:
     """The whole chain as shipped (SFT cold start, then RL), outputs and data under tmp_path."""
     arithmetic, tools = tmp_path / "arithmetic", tmp_path / "arithmetic-tools"
@@ -41,3 +36,4 @@ def test_tiny_rl_with_the_calculator_solves_long_additions(tmp_path: Path) -> No
     calls = [r["eval/tools/calls"] for r in records if "eval/tools/calls" in r]
     print("eval/accuracy (test_long) by step:", acc, "calls per episode:", calls)
     assert acc[max(acc)] >= 0.8
+    assert calls[-1] >= 0.9  # the answers came through the calculator
