@@ -34,7 +34,7 @@ def accuracies(records: list[dict]) -> dict[int, float]:
 
 def test_tiny_sft_learns_arithmetic(tmp_path: Path) -> None:
     """4 of the shipped 6 epochs (CI's 40-minute budget): measured on 2 cores, 0 → 0.74 held out in 244
-    steps (3.3 min); 6 epochs reach 0.985 in 366 steps, 3 epochs 0.435."""
+    steps (4.0 min); 6 epochs reach 0.985 in 366 steps, 3 epochs 0.435."""
     acc = accuracies(run_config("configs/tiny/sft.yaml", tmp_path, "train.epochs=4"))
     print("eval/accuracy by step:", acc)
     assert acc[0] <= 0.05
