@@ -32,7 +32,11 @@ def smoke(tmp_path: Path, phases: list[str]) -> dict[str, Any]:
     return records
 
 
-def test_cpu_smoke_run_of_the_sync_and_colocation_phases(tmp_path: Path) -> None:
+def test_cpu_smoke_run_of_the_sync_and_colocation_phases(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as when the script runs: `import common`
+    import gpu_smoke
+
+    assert set(CI_PHASES) | set(LONG_PHASES) == {p.name for p in gpu_smoke.PHASES}  # none left unrun
     phases = smoke(tmp_path, CI_PHASES)
     sync = phases["weight_sync"]
     for variant in sync["variants"].values():
